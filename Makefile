@@ -1,0 +1,36 @@
+# The two commands (see README.md):
+#   make up     install what is needed, then run driftloop's main job
+#   make test   install what is needed, then run the test suite
+# Both create ./.venv on first use; CI pins exact versions through constraints.txt
+# (torch 2.13.0 CPU wheel). On a GPU machine, install a CUDA torch first, then `pip install -e .`.
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install up test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (driftloop needs Python 3.11)"; exit 2; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+up: install
+	$(BIN)/driftloop up
+
+test: install
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: install
+	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+bench: install
+	$(BIN)/python bench/finetune.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

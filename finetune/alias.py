@@ -1,0 +1,140 @@
+"""The production alias: which registered model serves, with its full history.
+
+BentoML's model store has no aliases (``latest`` is merely the newest), so the pointer lives in the
+state DB. Every change is one transaction that writes the history row and moves the pointer
+together: a crash at any moment leaves either the old pointer or the new one, never a half state.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict, dataclass
+
+from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text, insert, select, update
+from sqlalchemy.engine import Engine
+
+from finetune.errors import DriftloopError
+from finetune.statedb import get_engine
+
+PRODUCTION = "production"
+
+metadata = MetaData()
+
+model_alias = Table(
+    "model_alias", metadata,
+    Column("alias", String(64), primary_key=True),
+    Column("tag", String(255), nullable=False),
+    Column("previous_tag", String(255)),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("version", Integer, nullable=False),  # bumps on every change: cheap polling for the service
+)
+
+alias_history = Table(
+    "alias_history", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("alias", String(64), nullable=False, index=True),
+    Column("action", String(32), nullable=False),  # promote | rollback
+    Column("tag", String(255), nullable=False),
+    Column("previous_tag", String(255)),
+    Column("reason", Text),
+    Column("actor", String(64)),
+    Column("at", DateTime(timezone=True), nullable=False),
+)
+
+
+@dataclass
+class AliasState:
+    alias: str
+    tag: str
+    previous_tag: str | None
+    updated_at: dt.datetime
+    version: int
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["updated_at"] = self.updated_at.isoformat()
+        return d
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def ensure_schema(engine: Engine | None = None) -> Engine:
+    engine = engine or get_engine()
+    metadata.create_all(engine)
+    return engine
+
+
+def current(alias: str = PRODUCTION, engine: Engine | None = None) -> AliasState | None:
+    """The model the alias points at now, or None when nothing was ever promoted."""
+    engine = ensure_schema(engine)
+    with engine.connect() as conn:
+        row = conn.execute(select(model_alias).where(model_alias.c.alias == alias)).mappings().first()
+    if row is None:
+        return None
+    updated = row["updated_at"]
+    if updated.tzinfo is None:  # SQLite drops the zone
+        updated = updated.replace(tzinfo=dt.timezone.utc)
+    return AliasState(row["alias"], row["tag"], row["previous_tag"], updated, row["version"])
+
+
+def _move(conn, alias: str, tag: str, previous_tag: str | None, action: str, reason: str | None, actor: str) -> None:
+    now = _now()
+    conn.execute(insert(alias_history).values(alias=alias, action=action, tag=tag, previous_tag=previous_tag,
+                                              reason=reason, actor=actor, at=now))
+    existing = conn.execute(select(model_alias.c.version).where(model_alias.c.alias == alias)).first()
+    if existing is None:
+        conn.execute(insert(model_alias).values(alias=alias, tag=tag, previous_tag=previous_tag, updated_at=now, version=1))
+    else:
+        conn.execute(update(model_alias).where(model_alias.c.alias == alias)
+                     .values(tag=tag, previous_tag=previous_tag, updated_at=now, version=existing.version + 1))
+
+
+def promote(tag: str, alias: str = PRODUCTION, reason: str | None = None, actor: str = "user",
+            engine: Engine | None = None) -> AliasState:
+    """Point the alias at `tag` (the caller checks that the model exists and loads)."""
+    engine = ensure_schema(engine)
+    with engine.begin() as conn:
+        row = conn.execute(select(model_alias.c.tag).where(model_alias.c.alias == alias)).first()
+        previous = row.tag if row else None
+        if previous == tag:
+            raise DriftloopError(f"{tag} is already the {alias} model")
+        _move(conn, alias, tag, previous, "promote", reason, actor)
+    return current(alias, engine)
+
+
+def rollback(alias: str = PRODUCTION, to: str | None = None, reason: str | None = None, actor: str = "user",
+             engine: Engine | None = None) -> AliasState:
+    """Undo the last promotion (or go to `to`): the pointer returns to the model served before.
+
+    Rollbacks stack: rolling back twice returns to the model before the one before.
+    """
+    engine = ensure_schema(engine)
+    with engine.begin() as conn:
+        row = conn.execute(select(model_alias).where(model_alias.c.alias == alias)).mappings().first()
+        if row is None:
+            raise DriftloopError(f"nothing to roll back: no {alias} model has been promoted")
+        target = to or row["previous_tag"]
+        if target is None:
+            raise DriftloopError(f"nothing to roll back to: {row['tag']} was the first {alias} model")
+        if target == row["tag"]:
+            raise DriftloopError(f"{target} is already the {alias} model")
+        # The target's own predecessor, as recorded when the target last became current.
+        last = conn.execute(select(alias_history.c.previous_tag)
+                            .where(alias_history.c.alias == alias, alias_history.c.tag == target)
+                            .order_by(alias_history.c.id.desc()).limit(1)).first()
+        below = last.previous_tag if last else None
+        if below == row["tag"]:
+            below = None
+        _move(conn, alias, target, below, "rollback", reason or f"rolled back from {row['tag']}", actor)
+    return current(alias, engine)
+
+
+def history(alias: str = PRODUCTION, limit: int = 100, engine: Engine | None = None) -> list[dict]:
+    """Newest first: every promotion and rollback with its reason."""
+    engine = ensure_schema(engine)
+    with engine.connect() as conn:
+        rows = conn.execute(select(alias_history).where(alias_history.c.alias == alias)
+                            .order_by(alias_history.c.id.desc()).limit(limit)).mappings().all()
+    return [{**dict(r), "at": r["at"].isoformat()} for r in rows]

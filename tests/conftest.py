@@ -1,0 +1,76 @@
+"""Shared fixtures. Isolation first: every test session writes under its own temporary
+DRIFTLOOP_HOME (set before anything imports bentoml), and CLI tests get their own home each."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="driftloop-tests-"))
+os.environ["DRIFTLOOP_HOME"] = str(SESSION_HOME)
+os.environ.pop("BENTOML_HOME", None)
+os.environ.pop("DRIFTLOOP_DB_URL", None)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+DEMO = REPO / "finetune" / "demo_data"
+
+
+def shared_data(relative: str) -> Path:
+    """A file of ../shared/data: missing data fails the test in CI and skips it elsewhere."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing: CI must provide ../shared/data")
+        pytest.skip(f"{path} not available")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """A tiny random BERT whose vocabulary covers the demo data."""
+    from tests import tiny_model
+
+    corpus = []
+    for name in ("reviews.tsv", "markets.tsv"):
+        corpus += [line.split("\t")[0] for line in (DEMO / name).read_text(encoding="utf-8").splitlines()[1:]]
+    return tiny_model.build(SESSION_HOME / "tiny-bert", corpus)
+
+
+@pytest.fixture()
+def home(tmp_path) -> Path:
+    """A fresh DRIFTLOOP_HOME for one test (used by subprocess CLI tests)."""
+    path = tmp_path / "home"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture()
+def db_url(tmp_path, monkeypatch) -> str:
+    """A fresh state DB for one in-process test."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    monkeypatch.setenv("DRIFTLOOP_DB_URL", url)
+    return url
+
+
+def run_cli(args: list[str], home: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real `driftloop` CLI in a subprocess with its own home."""
+    full_env = {**os.environ, "DRIFTLOOP_HOME": str(home), **(env or {})}
+    full_env.pop("BENTOML_HOME", None)
+    full_env.pop("DRIFTLOOP_DB_URL", None)
+    return subprocess.run([sys.executable, "-m", "driftloop", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=REPO)
+
+
+def cli_json(args: list[str], home: Path, **kw) -> dict:
+    proc = run_cli([*args, "--json"], home, **kw)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
