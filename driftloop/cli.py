@@ -28,6 +28,37 @@ def _register_stages() -> None:
     finetune_cli.register(app)
 
 
+@app.command("up")
+def up(
+    data: str = typer.Option("demo:reviews", help="Data for the first model when the registry is empty."),
+    epochs: float = typer.Option(3.0, help="Epochs for the bootstrap model."),
+) -> None:
+    """Bootstrap: train and promote a first model on the demo data when none serves yet.
+
+    (The service and the controller join `up` as their stages land.)
+    """
+    from finetune import alias, registry  # noqa: PLC0415
+    from finetune.config import load_config  # noqa: PLC0415
+    from finetune.home import driftloop_home  # noqa: PLC0415
+
+    typer.echo(f"DRIFTLOOP_HOME={driftloop_home()}")
+    prod = alias.current()
+    if prod is None:
+        from finetune.pipeline import train  # noqa: PLC0415
+
+        typer.echo(f"no production model yet: training one on {data} ...")
+        cfg = load_config(None, {"data.path": data, "training.epochs": epochs, "registry.promote": "always"})
+        outcome = train(cfg)
+        m = outcome.metrics["val"]
+        typer.echo(f"registered and promoted {outcome.tag}: val accuracy {m['accuracy']:.4f}, macro-F1 {m['f1_macro']:.4f}")
+        typer.echo(f"training report: {outcome.report_path}")
+        prod = alias.current()
+    model = registry.get(prod.tag)
+    typer.echo(f"production model: {prod.tag} (since {prod.updated_at:%Y-%m-%d %H:%M:%S} UTC)")
+    typer.echo(f"lineage: driftloop models show {prod.tag}")
+    typer.echo(f"model directory: {model.path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     configure_environment()
     _register_stages()

@@ -114,6 +114,82 @@ def train_command(
         typer.echo(f"report: {outcome.report_path}")
 
 
+def _resolve(config: Optional[Path], sets: Optional[list[str]], **flags):
+    from finetune.config import load_config  # noqa: PLC0415
+
+    overrides = _train_overrides(**flags)
+    overrides.update(_set_options(sets))
+    return load_config(config, overrides)
+
+
+def cv_command(
+    config: Optional[Path] = ConfigOpt,
+    data: Optional[str] = typer.Option(None),
+    text_column: Optional[str] = typer.Option(None),
+    label_column: Optional[str] = typer.Option(None),
+    max_rows: Optional[int] = typer.Option(None),
+    epochs: Optional[float] = typer.Option(None),
+    base_model: Optional[str] = typer.Option(None),
+    folds: int = typer.Option(5, help="Number of stratified folds."),
+    sets: Optional[list[str]] = SetOpt,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Stratified k-fold cross-validation: mean ± std of each metric (nothing is registered)."""
+    cfg = _resolve(config, sets, data=data, text_column=text_column, label_column=label_column,
+                   max_rows=max_rows, epochs=epochs, base_model=base_model)
+    from finetune.cv import cross_validate  # noqa: PLC0415
+
+    with machine_output(as_json):
+        result = cross_validate(cfg, folds=folds, quiet=False)
+    if as_json:
+        emit_json(result)
+        return
+    typer.echo(f"{folds}-fold cross-validation on {result['rows']} rows")
+    for key, v in result["metrics"].items():
+        typer.echo(f"  {key:<16} {v['mean']:.4f} ± {v['std']:.4f}")
+
+
+def tune_command(
+    space: Path = typer.Option(..., "--space", help="YAML: config key -> list of values or {loguniform|uniform|int: [lo, hi]}."),
+    config: Optional[Path] = ConfigOpt,
+    data: Optional[str] = typer.Option(None),
+    test_data: Optional[str] = typer.Option(None),
+    text_column: Optional[str] = typer.Option(None),
+    label_column: Optional[str] = typer.Option(None),
+    max_rows: Optional[int] = typer.Option(None),
+    epochs: Optional[float] = typer.Option(None),
+    base_model: Optional[str] = typer.Option(None),
+    name: Optional[str] = typer.Option(None),
+    method: str = typer.Option("random", help="random | grid"),
+    trials: int = typer.Option(8, help="Trials to run (grid: at most this many combinations; 0 = all)."),
+    metric: str = typer.Option("f1_macro", help="Validation metric to maximise: f1_macro | accuracy."),
+    sets: Optional[list[str]] = SetOpt,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Random or grid search; every trial is recorded and the best model is registered."""
+    from finetune.config import load_yaml  # noqa: PLC0415
+
+    if method not in ("random", "grid"):
+        raise DriftloopError(f"--method must be random or grid, got {method!r}")
+    if metric not in ("f1_macro", "accuracy"):
+        raise DriftloopError(f"--metric must be f1_macro or accuracy, got {metric!r}")
+    if trials < 0 or (method == "random" and trials < 1):
+        raise DriftloopError("--trials must be at least 1")
+    cfg = _resolve(config, sets, data=data, test_data=test_data, text_column=text_column, label_column=label_column,
+                   max_rows=max_rows, epochs=epochs, base_model=base_model, name=name)
+    space_dict = load_yaml(space)
+    from finetune.tune import tune  # noqa: PLC0415
+
+    with machine_output(as_json):
+        result = tune(cfg, space_dict, method=method, trials=trials, metric=metric)
+    if as_json:
+        emit_json(result)
+        return
+    best = result["best"]
+    typer.echo(f"best trial {best['trial']} of {len(result['trials'])}: val {metric} {best['objective']:.4f}  {best['params']}")
+    typer.echo(f"registered {result['model']}{'  (promoted to production)' if result['promoted'] else ''}")
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -214,4 +290,6 @@ def models_history(as_json: bool = typer.Option(False, "--json"), limit: int = t
 def register(app: typer.Typer) -> None:
     """Attach this stage's verbs to the `driftloop` CLI."""
     app.command("train")(train_command)
+    app.command("cv")(cv_command)
+    app.command("tune")(tune_command)
     app.add_typer(models_app, name="models")

@@ -207,7 +207,7 @@ def fit(config: TrainConfig, data: PreparedData, *, init_from: str | None = None
 
     `init_from` starts from a fine-tuned model directory (refinement) instead of the base model.
     """
-    from transformers import DataCollatorWithPadding, ProgressCallback, TrainingArguments, set_seed  # noqa: PLC0415
+    from transformers import DataCollatorWithPadding, PrinterCallback, ProgressCallback, TrainingArguments, set_seed  # noqa: PLC0415
     from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
     hf_logging.set_verbosity_error()
@@ -283,6 +283,7 @@ def fit(config: TrainConfig, data: PreparedData, *, init_from: str | None = None
         dl_config=config, class_weights=weights, steps_per_epoch=steps_per_epoch,
     )
     trainer.remove_callback(ProgressCallback)  # replaced by Progress (or nothing when quiet)
+    trainer.remove_callback(PrinterCallback)  # raw log dicts; EpochSummary prints readable lines
     started = time.perf_counter()
     try:
         output = trainer.train()
