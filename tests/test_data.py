@@ -138,3 +138,11 @@ def test_oversample_balances_and_augment_adds_variants():
     augmented = augment(split, copies=2, seed=1)
     assert len(augmented) > len(split)
     assert augmented.texts[: len(split)] == split.texts
+
+
+def test_hf_datasets_fail_clearly_offline(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DriftloopError, match=r"driftloop\[hf\]|cannot load Hugging Face dataset 'hf:glue:sst2@train'") as err:
+        prepare("hf:glue:sst2@train")
+    assert "\n" not in str(err.value)

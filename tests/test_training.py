@@ -83,3 +83,15 @@ def test_gradual_unfreezing_trains(tiny_model_dir, small_data):
     result = fit(cfg, small_data, quiet=True)
     # After epoch index 2 both encoder layers train: every encoder parameter requires grad.
     assert all(p.requires_grad for p in result.model.base_model.encoder.parameters())
+
+
+def test_same_seed_same_model(tiny_model_dir, small_data):
+    from finetune.pipeline import evaluate
+
+    cfg = _config(tiny_model_dir, **{"training.seed": 7})
+    a = evaluate(cfg, fit(cfg, small_data, quiet=True), small_data).val_logits
+    b = evaluate(cfg, fit(cfg, small_data, quiet=True), small_data).val_logits
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    other = _config(tiny_model_dir, **{"training.seed": 8})
+    c = evaluate(other, fit(other, small_data, quiet=True), small_data).val_logits
+    assert not np.allclose(a, c, atol=1e-5)

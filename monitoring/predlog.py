@@ -1,0 +1,130 @@
+"""The prediction log: one row per prediction, written by the service, read by the monitor.
+
+Rows are written per batch in one transaction, and the service answers only after the commit, so
+an acknowledged prediction is durable (SQLite WAL with synchronous=FULL, or Postgres). Feedback
+(late ground truth) is joined onto the same row by request id.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import (
+    Boolean, Column, DateTime, Float, Index, Integer, LargeBinary, MetaData, String, Table, Text, select, update,
+)
+from sqlalchemy.engine import Engine
+
+from finetune.descriptors import DESCRIPTOR_COLUMNS
+
+metadata = MetaData()
+
+predictions = Table(
+    "predictions", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("request_id", String(32), nullable=False, unique=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("model_version", String(255), nullable=False),
+    Column("text", Text),  # NULL when the service stores hashes only
+    Column("text_sha256", String(64), nullable=False),
+    Column("label", String(255), nullable=False),
+    Column("confidence", Float, nullable=False),
+    Column("probs", Text, nullable=False),  # JSON {label: calibrated probability}
+    *(Column(name, Float, nullable=False) for name in DESCRIPTOR_COLUMNS),
+    Column("truncated", Boolean, nullable=False),
+    Column("embedding", LargeBinary),  # float32 bytes of the pooled embedding
+    Column("feedback_label", String(255)),
+    Column("feedback_at", DateTime(timezone=True)),
+    Index("ix_predictions_model_created", "model_version", "created_at"),
+    Index("ix_predictions_created", "created_at"),
+)
+
+
+def ensure_schema(engine: Engine) -> None:
+    metadata.create_all(engine)
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class LoggedPrediction:
+    request_id: str
+    text: str
+    label: str
+    confidence: float
+    probs: dict[str, float]
+    descriptors: dict[str, float]
+    truncated: bool
+    embedding: np.ndarray
+
+
+def write_batch(engine: Engine, model_version: str, rows: Sequence[LoggedPrediction], store_text: bool = True) -> None:
+    """Insert a batch of predictions in one transaction (all or nothing)."""
+    now = dt.datetime.now(dt.timezone.utc)
+    values = [{
+        "request_id": r.request_id,
+        "created_at": now,
+        "model_version": model_version,
+        "text": r.text if store_text else None,
+        "text_sha256": text_hash(r.text),
+        "label": r.label,
+        "confidence": float(r.confidence),
+        "probs": json.dumps(r.probs),
+        **{k: float(r.descriptors[k]) for k in DESCRIPTOR_COLUMNS},
+        "truncated": bool(r.truncated),
+        "embedding": np.asarray(r.embedding, dtype=np.float32).tobytes(),
+    } for r in rows]
+    with engine.begin() as conn:
+        conn.execute(predictions.insert(), values)
+
+
+class FeedbackError(Exception):
+    """Feedback that cannot be applied; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def record_feedback(engine: Engine, items: Sequence[tuple[str, str]], known_labels_by_version) -> list[dict]:
+    """Join late labels to logged predictions, all in one transaction.
+
+    `known_labels_by_version(model_version)` returns the label names of the model that produced a
+    prediction. Unknown request id → FeedbackError(404); unknown label → FeedbackError(422); the same
+    label again is a no-op (idempotent); a different label replaces the earlier one.
+    """
+    now = dt.datetime.now(dt.timezone.utc)
+    results = []
+    with engine.begin() as conn:
+        for request_id, label in items:
+            row = conn.execute(select(predictions.c.model_version, predictions.c.feedback_label)
+                               .where(predictions.c.request_id == request_id)).first()
+            if row is None:
+                raise FeedbackError(404, f"unknown request_id {request_id!r}")
+            labels = known_labels_by_version(row.model_version)
+            if label not in labels:
+                raise FeedbackError(422, f"unknown label {label!r} for request_id {request_id!r}; expected one of {', '.join(labels)}")
+            if row.feedback_label == label:
+                results.append({"request_id": request_id, "label": label, "status": "unchanged"})
+                continue
+            conn.execute(update(predictions).where(predictions.c.request_id == request_id)
+                         .values(feedback_label=label, feedback_at=now))
+            results.append({"request_id": request_id, "label": label,
+                            "status": "recorded" if row.feedback_label is None else "replaced"})
+    return results
+
+
+def count(engine: Engine, model_version: str | None = None) -> int:
+    from sqlalchemy import func  # noqa: PLC0415
+
+    q = select(func.count()).select_from(predictions)
+    if model_version:
+        q = q.where(predictions.c.model_version == model_version)
+    with engine.connect() as conn:
+        return int(conn.execute(q).scalar_one())

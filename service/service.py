@@ -1,0 +1,191 @@
+"""The driftloop BentoML service: one class, obvious lifecycle.
+
+startup   load the production model (GPU when present), warm it up, start the alias poller
+/predict  batched by BentoML's adaptive batcher; one forward pass per batch gives labels,
+          calibrated scores, pooled embeddings and descriptors; the batch is logged in one
+          transaction *before* any of its requests is answered
+/feedback late labels joined to logged predictions
+/model    the serving model's tag and lineage; /admin/reload forces a poll of the alias
+
+Start it with `driftloop serve` or `bentoml serve service.service:Classifier`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from http import HTTPStatus
+from typing import Annotated
+
+import bentoml
+from pydantic import AfterValidator, BaseModel, Field
+
+from finetune.home import configure_environment
+
+configure_environment()
+
+from finetune.statedb import get_engine  # noqa: E402
+from monitoring import predlog  # noqa: E402
+from service import metrics  # noqa: E402
+from service.model_holder import ModelHolder  # noqa: E402
+from service.settings import ServiceSettings  # noqa: E402
+
+SETTINGS = ServiceSettings.from_env()
+log = logging.getLogger("driftloop.service")
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("text must not be empty or whitespace only")
+    return text
+
+
+Text = Annotated[str, Field(min_length=1, max_length=SETTINGS.max_chars), AfterValidator(_not_blank)]
+Texts = Annotated[list[Text], Field(min_length=1, max_length=SETTINGS.max_texts_per_request)]
+
+
+class Prediction(BaseModel):
+    label: str
+    scores: dict[str, float]
+    confidence: float
+    model_version: str
+    request_id: str
+    truncated: bool
+
+
+class FeedbackItem(BaseModel):
+    request_id: Annotated[str, Field(min_length=1, max_length=64)]
+    label: Annotated[str, Field(min_length=1, max_length=255)]
+
+
+class ServiceUnavailable(bentoml.exceptions.BentoMLException):
+    error_code = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+class NotFound(bentoml.exceptions.NotFound):
+    pass
+
+
+class BadRequest(bentoml.exceptions.BadInput):
+    pass
+
+
+class Unprocessable(bentoml.exceptions.BentoMLException):
+    error_code = HTTPStatus.UNPROCESSABLE_ENTITY
+
+
+@bentoml.service(
+    name="driftloop",
+    workers=SETTINGS.workers,
+    traffic={"timeout": 120},
+    metrics={"enabled": True, "namespace": "bentoml_service",
+             "duration": {"buckets": [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]}},
+)
+class Classifier:
+    def __init__(self) -> None:
+        self.settings = SETTINGS
+        self.engine = get_engine()
+        predlog.ensure_schema(self.engine)
+        self.models = ModelHolder(self.settings)
+        result = self.models.sync()
+        log.info("startup: %s", result)
+        self.models.start_polling()
+
+    # ------------------------------------------------------------------ health
+
+    def __is_ready__(self) -> bool:
+        """BentoML's /readyz hook: ready only once a model is loaded and warm."""
+        return self.models.current is not None
+
+    # ------------------------------------------------------------------ predict
+
+    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms,
+                 route="/predict")
+    def predict(self, texts: Texts) -> list[Prediction]:
+        """Classify texts: label, calibrated scores, confidence, model version and a request id each."""
+        serving = self.models.current  # one model for the whole batch, even if a swap happens meanwhile
+        if serving is None:
+            raise ServiceUnavailable("no production model is loaded yet: train and promote one (driftloop train)")
+        out = serving.predictor.predict(list(texts), batch_size=max(len(texts), 1))
+        names = serving.label_names
+        rows, answers = [], []
+        for i, text in enumerate(texts):
+            rid = uuid.uuid4().hex
+            probs = {name: float(out.probs[i, j]) for j, name in enumerate(names)}
+            label = names[int(out.probs[i].argmax())]
+            confidence = float(out.probs[i].max())
+            rows.append(predlog.LoggedPrediction(rid, text, label, confidence, probs, out.descriptors[i],
+                                                 out.truncated[i], out.embeddings[i]))
+            answers.append(Prediction(label=label, scores=probs, confidence=confidence, model_version=serving.tag,
+                                      request_id=rid, truncated=out.truncated[i]))
+        started = time.perf_counter()
+        try:
+            predlog.write_batch(self.engine, serving.tag, rows, store_text=self.settings.store_text)
+        except Exception as err:  # noqa: BLE001 - never answer a prediction we could not log
+            metrics.LOG_WRITE_FAILURES.inc()
+            log.error("prediction log write failed: %s", type(err).__name__)
+            raise ServiceUnavailable("the prediction log is unavailable; nothing was served, retry later") from None
+        metrics.LOG_WRITE_SECONDS.observe(time.perf_counter() - started)
+        metrics.BATCH_SIZE.observe(len(texts))
+        for a in answers:
+            metrics.PREDICTIONS.labels(model_version=a.model_version, label=a.label).inc()
+            metrics.CONFIDENCE.labels(model_version=a.model_version).observe(a.confidence)
+        n_trunc = sum(out.truncated)
+        if n_trunc:
+            metrics.TRUNCATED.labels(model_version=serving.tag).inc(n_trunc)
+        return answers
+
+    # ------------------------------------------------------------------ feedback
+
+    @bentoml.api(route="/feedback")
+    def feedback(
+        self,
+        request_id: Annotated[str | None, Field(min_length=1, max_length=64)] = None,
+        label: Annotated[str | None, Field(min_length=1, max_length=255)] = None,
+        items: Annotated[list[FeedbackItem] | None, Field(min_length=1, max_length=1000)] = None,
+    ) -> dict:
+        """Late ground truth: {"request_id": ..., "label": ...} or {"items": [{"request_id": ..., "label": ...}, ...]}."""
+        from finetune import registry  # noqa: PLC0415
+
+        if items is None:
+            if request_id is None or label is None:
+                raise BadRequest("send {\"request_id\": ..., \"label\": ...} or {\"items\": [...]}")
+            items = [FeedbackItem(request_id=request_id, label=label)]
+        elif request_id is not None or label is not None:
+            raise BadRequest("send either request_id and label, or items, not both")
+
+        cache: dict[str, list[str]] = {}
+
+        def labels_of(version: str) -> list[str]:
+            if version not in cache:
+                cache[version] = registry.get(version).lineage["label_names"]
+            return cache[version]
+
+        try:
+            results = predlog.record_feedback(self.engine, [(i.request_id, i.label) for i in items], labels_of)
+        except predlog.FeedbackError as err:
+            metrics.FEEDBACK.labels(status="rejected").inc(len(items))
+            raise (NotFound(str(err)) if err.status == 404 else Unprocessable(str(err))) from None
+        for r in results:
+            metrics.FEEDBACK.labels(status=r["status"]).inc()
+        return {"results": results}
+
+    # ------------------------------------------------------------------ model
+
+    @bentoml.api(route="/model")
+    def model(self) -> dict:
+        """The serving model's tag and lineage."""
+        serving = self.models.current
+        if serving is None:
+            raise ServiceUnavailable("no model loaded yet")
+        lin = serving.lineage
+        return {"model_version": serving.tag, "loaded_at": serving.loaded_at, "device": str(serving.predictor.device),
+                "label_names": serving.label_names, "temperature": serving.predictor.temperature,
+                "last_reload_error": self.models.last_error,
+                "lineage": {k: lin.get(k) for k in ("parent", "base_model", "created_at", "metrics", "data", "training", "versions")}}
+
+    @bentoml.api(route="/admin/reload")
+    def reload(self) -> dict:
+        """Poll the production alias now (this worker), retrying a previously refused model."""
+        return self.models.sync(force=True)

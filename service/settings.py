@@ -1,0 +1,38 @@
+"""Service settings, typed, from `DRIFTLOOP_SERVICE_*` environment variables (sane defaults).
+
+`driftloop serve` sets them from its flags; `bentoml serve service.service:Classifier` reads the
+same variables, so both start the same service.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from finetune.errors import DriftloopError
+
+PREFIX = "DRIFTLOOP_SERVICE_"
+
+
+class ServiceSettings(BaseModel):
+    workers: int = Field(1, ge=1, le=64, description="Server worker processes (each holds its own model copy).")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    max_texts_per_request: int = Field(64, ge=1, le=4096)
+    max_chars: int = Field(5000, ge=1, description="Texts longer than this are refused (422).")
+    store_text: bool = Field(True, description="False: log a sha256 of each text instead (unusable for retraining).")
+    reload_interval_s: float = Field(2.0, gt=0, description="How often each worker polls the production alias.")
+    max_batch_size: int = Field(64, ge=2)
+    max_latency_ms: int = Field(30_000, ge=10, description="BentoML's batching deadline; generous so load queues instead of 503s.")
+    warmup_texts: int = Field(8, ge=0)
+
+    @classmethod
+    def from_env(cls) -> "ServiceSettings":
+        raw = {name: os.environ[PREFIX + name.upper()] for name in cls.model_fields if PREFIX + name.upper() in os.environ}
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise DriftloopError(f"invalid {PREFIX}{str(first['loc'][0]).upper()}: {first['msg']}") from None
