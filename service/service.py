@@ -185,6 +185,20 @@ class Classifier:
                 "last_reload_error": self.models.last_error,
                 "lineage": {k: lin.get(k) for k in ("parent", "base_model", "created_at", "metrics", "data", "training", "versions")}}
 
+    @bentoml.api(route="/explain")
+    def explain(self, text: Annotated[str, Field(min_length=1, max_length=SETTINGS.explain_max_chars), AfterValidator(_not_blank)]) -> dict:
+        """Per-word attributions for the predicted label (occlusion); one text, size-limited, not logged."""
+        from finetune.explain import occlusion  # noqa: PLC0415
+
+        serving = self.models.current
+        if serving is None:
+            raise ServiceUnavailable("no model loaded yet")
+        try:
+            result = occlusion(serving.predictor, text, max_words=self.settings.explain_max_words)
+        except ValueError as err:
+            raise BadRequest(str(err)) from None
+        return {**result, "model_version": serving.tag}
+
     @bentoml.api(route="/admin/reload")
     def reload(self) -> dict:
         """Poll the production alias now (this worker), retrying a previously refused model."""

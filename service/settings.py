@@ -27,6 +27,8 @@ class ServiceSettings(BaseModel):
     max_batch_size: int = Field(64, ge=2)
     max_latency_ms: int = Field(30_000, ge=10, description="BentoML's batching deadline; generous so load queues instead of 503s.")
     warmup_texts: int = Field(8, ge=0)
+    explain_max_chars: int = Field(1000, ge=1, description="/explain refuses longer texts (422).")
+    explain_max_words: int = Field(64, ge=1, description="/explain refuses texts with more words.")
 
     @classmethod
     def from_env(cls) -> "ServiceSettings":

@@ -20,7 +20,7 @@ def test_train_registers_with_lineage_and_models_verbs(home, tiny_model_dir, tmp
     test_file = tmp_path / "test.csv"
     pd.DataFrame({"text": ["the laptop works perfectly", "the tent broke the second time I used it"] * 5,
                   "label": ["positive", "negative"] * 5}).to_csv(test_file, index=False)
-    first = cli_json(["train", "--data", "demo:reviews", "--test-data", str(test_file), "--max-length", "12",
+    first = cli_json(["train", "--data", "demo:reviews", "--test-data", str(test_file), "--max-length", "10",
                       *_tiny(tiny_model_dir)], home)
     assert first["model"].startswith("driftloop-classifier:")
     assert 0.0 <= first["metrics"]["test"]["accuracy"] <= 1.0 and first["metrics"]["test"]["n"] == 2  # de-duplicated

@@ -187,3 +187,15 @@ def test_kill_9_after_acknowledged_predictions_loses_none(tmp_path, tiny_model_d
     with sqlite3.connect(home / "state.db") as conn:
         ids = [row[0] for row in conn.execute("select request_id from predictions")]
     assert len(acked) == 49 and sorted(ids) == sorted(acked)  # every acknowledged prediction, nothing else
+
+
+def test_explain_attributes_words(served):
+    r = httpx.post(f"{served['url']}/explain", json={"text": "the laptop works perfectly"}, timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [a["token"] for a in body["attributions"]] == ["the", "laptop", "works", "perfectly"]
+    assert body["label"] in ("negative", "positive") and 0.5 <= body["confidence"] <= 1
+    assert all(abs(a["attribution"]) <= 1 for a in body["attributions"])
+    too_many = httpx.post(f"{served['url']}/explain", json={"text": "word " * 65}, timeout=30)
+    assert too_many.status_code == 400 and "at most 64" in too_many.text
+    assert httpx.post(f"{served['url']}/explain", json={"text": "x" * 1001}, timeout=30).status_code == 400
