@@ -55,7 +55,13 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) ->
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int = 200) -> float:
-    """The temperature T > 0 minimising the NLL of softmax(logits / T) on held-out data."""
+    """The temperature T > 0 minimising the NLL of softmax(logits / T) on held-out data.
+
+    With no error on the held-out data the NLL has no finite minimum (it keeps falling as T -> 0),
+    and fitting would only make the model over-confident on anything new: then T is kept at 1.
+    """
+    if (np.asarray(logits).argmax(axis=1) == np.asarray(labels)).all():
+        return 1.0
     z = torch.as_tensor(logits, dtype=torch.float64)
     y = torch.as_tensor(labels, dtype=torch.long)
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)

@@ -119,14 +119,15 @@ class Classifier:
                                                  out.truncated[i], out.embeddings[i]))
             answers.append(Prediction(label=label, scores=probs, confidence=confidence, model_version=serving.tag,
                                       request_id=rid, truncated=out.truncated[i]))
-        started = time.perf_counter()
-        try:
-            predlog.write_batch(self.engine, serving.tag, rows, store_text=self.settings.store_text)
-        except Exception as err:  # noqa: BLE001 - never answer a prediction we could not log
-            metrics.LOG_WRITE_FAILURES.inc()
-            log.error("prediction log write failed: %s", type(err).__name__)
-            raise ServiceUnavailable("the prediction log is unavailable; nothing was served, retry later") from None
-        metrics.LOG_WRITE_SECONDS.observe(time.perf_counter() - started)
+        if self.settings.log_predictions:
+            started = time.perf_counter()
+            try:
+                predlog.write_batch(self.engine, serving.tag, rows, store_text=self.settings.store_text)
+            except Exception as err:  # noqa: BLE001 - never answer a prediction we could not log
+                metrics.LOG_WRITE_FAILURES.inc()
+                log.error("prediction log write failed: %s", type(err).__name__)
+                raise ServiceUnavailable("the prediction log is unavailable; nothing was served, retry later") from None
+            metrics.LOG_WRITE_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(texts))
         for a in answers:
             metrics.PREDICTIONS.labels(model_version=a.model_version, label=a.label).inc()

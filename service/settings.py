@@ -23,6 +23,7 @@ class ServiceSettings(BaseModel):
     max_texts_per_request: int = Field(64, ge=1, le=4096)
     max_chars: int = Field(5000, ge=1, description="Texts longer than this are refused (422).")
     store_text: bool = Field(True, description="False: log a sha256 of each text instead (unusable for retraining).")
+    log_predictions: bool = Field(True, description="False only to measure the log's cost (bench/serve.py): nothing is logged.")
     reload_interval_s: float = Field(2.0, gt=0, description="How often each worker polls the production alias.")
     max_batch_size: int = Field(64, ge=2)
     max_latency_ms: int = Field(30_000, ge=10, description="BentoML's batching deadline; generous so load queues instead of 503s.")

@@ -38,3 +38,8 @@ def test_metrics_binary_and_multiclass():
     assert 0.5 < m3["roc_auc"] <= 1.0
     assert len(m3["confusion_matrix"]) == 3
     assert m3["f1_macro"] <= 1.0
+
+
+def test_no_sharpening_when_validation_has_no_errors():
+    logits = np.array([[3.0, -3.0], [-2.0, 2.0], [4.0, 0.0]])
+    assert fit_temperature(logits, np.array([0, 1, 0])) == 1.0

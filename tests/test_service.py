@@ -171,10 +171,11 @@ def test_failed_swap_keeps_the_old_model(served):
 
 
 def test_kill_9_after_acknowledged_predictions_loses_none(tmp_path, tiny_model_dir):
+    """Also runs the service in hash-only mode: texts are not stored, their sha256 is."""
     home = tmp_path / "home"
     home.mkdir()
     cli_json(["train", "--base-model", str(tiny_model_dir), "--epochs", "1", "--max-rows", "100", "--quiet"], home)
-    server = Server(home).wait_ready()
+    server = Server(home, env={"DRIFTLOOP_SERVICE_STORE_TEXT": "false"}).wait_ready()
     acked = []
     try:
         with httpx.Client(timeout=30) as c:
@@ -187,6 +188,12 @@ def test_kill_9_after_acknowledged_predictions_loses_none(tmp_path, tiny_model_d
     with sqlite3.connect(home / "state.db") as conn:
         ids = [row[0] for row in conn.execute("select request_id from predictions")]
     assert len(acked) == 49 and sorted(ids) == sorted(acked)  # every acknowledged prediction, nothing else
+    import hashlib
+
+    with sqlite3.connect(home / "state.db") as conn:
+        stored = conn.execute("select text, text_sha256 from predictions").fetchall()
+    assert all(text is None for text, _ in stored)
+    assert {h for _, h in stored} == {hashlib.sha256(t.encode()).hexdigest() for t in TEXTS}
 
 
 def test_explain_attributes_words(served):
