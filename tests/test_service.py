@@ -206,3 +206,32 @@ def test_explain_attributes_words(served):
     too_many = httpx.post(f"{served['url']}/explain", json={"text": "word " * 65}, timeout=30)
     assert too_many.status_code == 400 and "at most 64" in too_many.text
     assert httpx.post(f"{served['url']}/explain", json={"text": "x" * 1001}, timeout=30).status_code == 400
+
+
+def test_two_workers_share_one_log_and_sum_their_metrics(tmp_path, tiny_model_dir):
+    home = tmp_path / "home"
+    home.mkdir()
+    first = cli_json(["train", "--base-model", str(tiny_model_dir), "--epochs", "1", "--max-rows", "100", "--quiet"], home)
+    server = Server(home, workers=2).wait_ready()
+    try:
+        with cf.ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda i: httpx.post(f"{server.url}/predict", json={"texts": [TEXTS[i % 3]]}, timeout=60).status_code,
+                                  range(40)))
+        assert codes == [200] * 40
+        assert _rows(home) == 40
+        second = _train(home, tiny_model_dir)
+        cli_json(["models", "promote", second], home)
+        deadline = time.time() + 60
+        versions: set[str] = set()
+        while time.time() < deadline:  # both workers swap: 20 answers in a row from the new model
+            versions = {httpx.post(f"{server.url}/predict", json={"texts": ["ok"]}, timeout=30).json()[0]["model_version"] for _ in range(20)}
+            if versions == {second}:
+                break
+            time.sleep(0.5)
+        assert versions == {second}
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        total = sum(float(line.split()[-1]) for line in text.splitlines()
+                    if line.startswith("driftloop_predictions_total{") and first["model"] in line)
+        assert total == 40  # counted once each, across both worker processes
+    finally:
+        server.stop()
