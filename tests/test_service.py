@@ -219,6 +219,10 @@ def test_two_workers_share_one_log_and_sum_their_metrics(tmp_path, tiny_model_di
                                   range(40)))
         assert codes == [200] * 40
         assert _rows(home) == 40
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        total = sum(float(line.split()[-1]) for line in text.splitlines()
+                    if line.startswith("driftloop_predictions_total{") and first["model"] in line)
+        assert total == 40  # counted once each, across both worker processes
         second = _train(home, tiny_model_dir)
         cli_json(["models", "promote", second], home)
         deadline = time.time() + 60
@@ -229,9 +233,5 @@ def test_two_workers_share_one_log_and_sum_their_metrics(tmp_path, tiny_model_di
                 break
             time.sleep(0.5)
         assert versions == {second}
-        text = httpx.get(f"{server.url}/metrics", timeout=10).text
-        total = sum(float(line.split()[-1]) for line in text.splitlines()
-                    if line.startswith("driftloop_predictions_total{") and first["model"] in line)
-        assert total == 40  # counted once each, across both worker processes
     finally:
         server.stop()
