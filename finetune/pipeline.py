@@ -124,7 +124,7 @@ def register_fitted(config: TrainConfig, fitted: FitResult, data: PreparedData, 
     frame, embeddings = profile.build(data.val.texts, data.val.labels, data.label_names, ev.val_preds)
     report_html: list[str] = []
 
-    def write_files(directory: Path) -> None:
+    def write_files(directory: Path, tag: str) -> None:
         fitted.model.save_pretrained(directory, safe_serialization=True)
         fitted.tokenizer.save_pretrained(directory)
         profile.save(directory, frame, embeddings)
@@ -134,7 +134,7 @@ def register_fitted(config: TrainConfig, fitted: FitResult, data: PreparedData, 
             eval_split = "test" if data.test is not None else "val"
             eval_logits = ev.test_logits if data.test is not None else ev.val_logits
             eval_labels = np.asarray((data.test or data.val).labels)
-            page = report.render(tag=f"{config.registry.name}", lineage=lineage, log_history=fitted.log_history,
+            page = report.render(tag=tag, lineage=lineage, log_history=fitted.log_history,
                                  eval_split=eval_split, eval_logits=eval_logits, eval_labels=eval_labels,
                                  val_logits=ev.val_logits, val_labels=np.asarray(data.val.labels))
             (directory / registry.REPORT_FILE).write_text(page, encoding="utf-8")

@@ -64,17 +64,17 @@ class RegisteredModel:
         return out
 
 
-def register(name: str, write_files: Callable[[Path], None], lineage: dict, labels: dict[str, str] | None = None) -> str:
-    """Create a model in the store; `write_files(dir)` fills its directory. Returns the tag.
+def register(name: str, write_files: Callable[[Path, str], None], lineage: dict, labels: dict[str, str] | None = None) -> str:
+    """Create a model in the store; `write_files(dir, tag)` fills its directory. Returns the tag.
 
     The lineage is both BentoML metadata (for `bentoml models get`) and a JSON file (full fidelity).
     """
     bentoml = _bentoml()
     with bentoml.models.create(name, labels=labels or {}, metadata=_metadata_safe(lineage), module=MODULE) as model:
         directory = Path(model.path)
-        write_files(directory)
-        (directory / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, default=str), encoding="utf-8")
         tag = str(model.tag)
+        write_files(directory, tag)
+        (directory / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, default=str), encoding="utf-8")
     return tag
 
 

@@ -43,7 +43,7 @@ def test_train_registers_with_lineage_and_models_verbs(home, tiny_model_dir, tmp
     for name in ("model.safetensors", "tokenizer.json", "reference.parquet", "reference_embeddings.npy", "report.html", "driftloop.json"):
         assert (__import__("pathlib").Path(model_dir) / name).is_file(), name
     report = (__import__("pathlib").Path(model_dir) / "report.html").read_text()
-    assert report.count("<svg") == 4 and "Resolved config" in report
+    assert report.count("<svg") == 4 and "Resolved config" in report and f"Training report: {second['model']}" in report
 
     ref = pd.read_parquet(__import__("pathlib").Path(model_dir) / "reference.parquet")
     assert {"prob_negative", "prob_positive", "confidence", "tokens_per_word", "unknown_token_rate"} <= set(ref.columns)
