@@ -9,7 +9,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install up test test-fast bench clean
+.PHONY: install prometheus up test test-fast bench clean
 
 install: $(STAMP)
 
@@ -20,13 +20,25 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# The tests start a real Prometheus (Debian package `prometheus`: prometheus + promtool) on loopback.
+prometheus:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else SUDO=none; fi; \
+	  if [ "$$SUDO" = none ] || ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "warning: install the 'prometheus' package (prometheus, promtool) for the observability tests"; \
+	  else \
+	    echo "installing the Debian package prometheus ..."; \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+	      || { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; \
+	  fi; }
+
 up: install
 	$(BIN)/driftloop up
 
-test: install
+test: install prometheus
 	$(BIN)/python -m pytest -q -ra
 
-test-fast: install
+test-fast: install prometheus
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 bench: install

@@ -24,10 +24,12 @@ app = typer.Typer(
 
 def _register_stages() -> None:
     from finetune import cli as finetune_cli  # noqa: PLC0415
+    from monitoring import cli as monitoring_cli  # noqa: PLC0415
     from service import cli as service_cli  # noqa: PLC0415
 
     finetune_cli.register(app)
     service_cli.register(app)
+    monitoring_cli.register(app)
 
 
 @app.command("up")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -20,8 +21,6 @@ def serve_command(
     store_text: Optional[bool] = typer.Option(None, "--store-text/--hash-text", help="Log texts, or only their sha256."),
 ) -> None:
     """Serve the production model over HTTP (BentoML, adaptive batching, durable prediction log)."""
-    import shutil  # noqa: PLC0415
-
     from service.settings import PREFIX, ServiceSettings  # noqa: PLC0415
 
     for key, value in {"workers": workers, "device": device, "store_text": store_text}.items():
@@ -34,8 +33,34 @@ def serve_command(
     if bentoml_bin is None:
         raise DriftloopError("the bentoml command is not installed in this environment")
     root = Path(__file__).resolve().parent.parent
+    os.environ["BENTOML_HOME"] = str(private_bentoml_home(port))
     args = [bentoml_bin, "serve", "service.service:Classifier", "--port", str(port), "--host", host, "--working-dir", str(root)]
     os.execv(bentoml_bin, args)
+
+
+def private_bentoml_home(port: int) -> Path:
+    """A BentoML home for the server on this port, sharing the model store.
+
+    `bentoml serve` wipes `$BENTOML_HOME/prometheus_multiproc_dir` at every start, so two servers on
+    one home (two ports, a benchmark, parallel tests) corrupt each other's metrics. Each server gets
+    its own home whose `models` is a link to the one shared model store.
+    """
+    from finetune.home import bentoml_home, driftloop_home  # noqa: PLC0415
+
+    shared = bentoml_home()
+    private = driftloop_home() / "servers" / f"port-{port}" / "bentoml"
+    private.mkdir(parents=True, exist_ok=True)
+    for name in ("models", "bentos"):
+        target, link = shared / name, private / name
+        target.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() and link.resolve() == target.resolve():
+            continue
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        elif link.exists():
+            shutil.rmtree(link)
+        link.symlink_to(target, target_is_directory=True)
+    return private
 
 
 def register(app: typer.Typer) -> None:

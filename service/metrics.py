@@ -13,7 +13,7 @@ PREDICTIONS = Counter("driftloop_predictions", "Predictions served", ["model_ver
 CONFIDENCE = Histogram("driftloop_prediction_confidence", "Calibrated confidence of served predictions", ["model_version"],
                        buckets=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0))
 TRUNCATED = Counter("driftloop_truncated_texts", "Texts truncated to the model's max tokens", ["model_version"])
-BATCH_SIZE = Histogram("driftloop_batch_size", "Texts per model forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+BATCH_SIZE = Histogram("driftloop_batch_size", "Texts per /predict call gathered by the adaptive batcher", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 FEEDBACK = Counter("driftloop_feedback", "Feedback labels received", ["status"])
 LOG_WRITE_SECONDS = Histogram("driftloop_prediction_log_write_seconds", "Time to commit one batch to the prediction log",
                               buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))

@@ -107,7 +107,7 @@ class Classifier:
         serving = self.models.current  # one model for the whole batch, even if a swap happens meanwhile
         if serving is None:
             raise ServiceUnavailable("no production model is loaded yet: train and promote one (driftloop train)")
-        out = serving.predictor.predict(list(texts), batch_size=max(len(texts), 1))
+        out = serving.predictor.predict(list(texts), batch_size=self.settings.forward_batch_for(serving.predictor.device.type))
         names = serving.label_names
         rows, answers = [], []
         for i, text in enumerate(texts):
@@ -204,3 +204,11 @@ class Classifier:
     def reload(self) -> dict:
         """Poll the production alias now (this worker), retrying a previously refused model."""
         return self.models.sync(force=True)
+
+
+# BentoML 1.4 works out each response's mime type by generating the output model's JSON schema on
+# every response (`IOMixin.mime_type` when `media_type` is unset): py-spy put it at ~9 % of the event
+# loop's time at 32 concurrent clients. Every endpoint here answers JSON, so say so once.
+for _api in Classifier.apis.values():
+    if _api.output_spec.media_type is None:
+        _api.output_spec.media_type = "application/json"

@@ -1,0 +1,94 @@
+"""A stored monitor pass: pick the serving model, read its window, test it, store and report it.
+
+This is what `driftloop monitor --once` runs and what the controller schedules.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+
+from finetune import alias
+from finetune.errors import DriftloopError
+from finetune.home import driftloop_home
+from monitoring import predlog, store, window
+from monitoring.config import MonitorConfig
+from monitoring.monitor import PassResult, Reference, run_pass, save_report
+
+log = logging.getLogger("driftloop.monitor")
+WORKSPACE_PROJECT = "driftloop monitor"
+
+
+def reports_dir() -> Path:
+    return driftloop_home() / "reports"
+
+
+def workspace_dir() -> Path:
+    return driftloop_home() / "evidently"
+
+
+@dataclass
+class StoredPass:
+    run_id: int
+    result: PassResult
+    report_path: Path | None
+
+    def to_json(self) -> dict:
+        return {"run_id": self.run_id, **self.result.to_json(), "report_path": str(self.report_path) if self.report_path else None}
+
+
+def serving_version(engine: Engine) -> str:
+    """The production alias's model, else the version that logged the newest prediction."""
+    state = alias.current(engine=engine)
+    if state is not None:
+        return state.tag
+    latest = window.latest_model_version(engine)
+    if latest is None:
+        raise DriftloopError("nothing to monitor: no production model and no logged predictions")
+    return latest
+
+
+_reference_cache: dict[str, Reference] = {}
+
+
+def reference_for(model_version: str) -> Reference:
+    """A model's reference profile (cached: registered models never change)."""
+    if model_version not in _reference_cache:
+        _reference_cache[model_version] = Reference.load(model_version)
+    return _reference_cache[model_version]
+
+
+def _add_to_workspace(result: PassResult) -> None:
+    """Append the pass's snapshot to the Evidently workspace so `evidently ui` browses the history."""
+    from evidently.ui.workspace import Workspace  # noqa: PLC0415
+
+    ws = Workspace.create(str(workspace_dir()))
+    projects = ws.search_project(WORKSPACE_PROJECT)
+    project = projects[0] if projects else ws.create_project(WORKSPACE_PROJECT, description="driftloop monitor passes")
+    ws.add_run(project.id, result.snapshot, include_data=False)
+
+
+def monitor_once(engine: Engine, config: MonitorConfig, model_version: str | None = None) -> StoredPass:
+    """One pass over the newest window of the serving (or given) model version, stored and reported."""
+    predlog.ensure_schema(engine)
+    store.ensure_schema(engine)
+    version = model_version or serving_version(engine)
+    reference = reference_for(version)
+    since = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=config.window_seconds)) if config.window_seconds else None
+    win = window.load(engine, version, reference.label_names, last=config.window, since=since)
+    result = run_pass(reference, win, config)
+    run_id = store.save(engine, result)
+    report = None
+    if config.report and result.snapshot is not None:
+        try:
+            report = save_report(result, reports_dir(), run_id)
+            store.set_report_path(engine, run_id, str(report))
+            _add_to_workspace(result)
+        except Exception as err:  # noqa: BLE001 - a report is for people; the stored pass is what counts
+            log.warning("monitor run %s: report not written: %s: %s", run_id, type(err).__name__, err)
+    log.info("monitor run %s: %s, %s predictions, drift=%s, %.2fs", run_id, version, result.window_size, result.drift, result.duration_s)
+    return StoredPass(run_id, result, report)

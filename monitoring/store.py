@@ -1,0 +1,104 @@
+"""Monitor passes, stored in the state DB: one row per pass with its window bounds and results.
+
+The row is the source of truth for the controller's metrics and for the policy; the HTML report
+and the Evidently workspace snapshot are for people.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+from sqlalchemy import Boolean, Column, DateTime, Float, Integer, MetaData, String, Table, Text, insert, select
+from sqlalchemy.engine import Engine
+
+from monitoring.monitor import PassResult
+
+metadata = MetaData()
+
+monitor_runs = Table(
+    "monitor_runs", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("finished_at", DateTime(timezone=True), nullable=False),
+    Column("model_version", String(255), nullable=False, index=True),
+    Column("status", String(32), nullable=False),  # ok | insufficient
+    Column("drift", Boolean),  # NULL when there was no verdict
+    Column("window_size", Integer, nullable=False),
+    Column("window_first_id", Integer),
+    Column("window_last_id", Integer),
+    Column("window_start", DateTime(timezone=True)),
+    Column("window_end", DateTime(timezone=True)),
+    Column("labelled", Integer, nullable=False),
+    Column("realized_accuracy", Float),
+    Column("estimated_accuracy", Float),
+    Column("duration_s", Float, nullable=False),
+    Column("report_path", Text),
+    Column("result", Text, nullable=False),  # PassResult.to_json()
+)
+
+
+def ensure_schema(engine: Engine) -> None:
+    metadata.create_all(engine)
+
+
+def _num(value) -> float | None:
+    return None if value is None or value != value else float(value)  # NaN → NULL
+
+
+def save(engine: Engine, result: PassResult) -> int:
+    """Store a pass; returns its run id."""
+    q = result.quality
+    with engine.begin() as conn:
+        row = conn.execute(insert(monitor_runs).values(
+            finished_at=dt.datetime.now(dt.timezone.utc), model_version=result.model_version, status=result.status,
+            drift=result.drift, window_size=result.window_size, window_first_id=result.window_first_id,
+            window_last_id=result.window_last_id, window_start=result.window_start, window_end=result.window_end,
+            labelled=int(q.get("labelled", 0)), realized_accuracy=_num(q.get("realized_accuracy")),
+            estimated_accuracy=_num(q.get("estimated_accuracy")), duration_s=result.duration_s,
+            result=json.dumps(result.to_json()),
+        ))
+        return int(row.inserted_primary_key[0])
+
+
+def set_report_path(engine: Engine, run_id: int, path: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(monitor_runs.update().where(monitor_runs.c.id == run_id).values(report_path=path))
+
+
+def _row_json(row) -> dict:
+    out = json.loads(row.result)
+    out.update({"run_id": row.id, "finished_at": row.finished_at.isoformat() if row.finished_at else None,
+                "report_path": row.report_path})
+    return out
+
+
+def latest(engine: Engine, model_version: str | None = None) -> dict | None:
+    """The newest stored pass (of one model version, if given), as JSON."""
+    q = select(monitor_runs).order_by(monitor_runs.c.id.desc()).limit(1)
+    if model_version:
+        q = q.where(monitor_runs.c.model_version == model_version)
+    with engine.connect() as conn:
+        row = conn.execute(q).first()
+    return _row_json(row) if row else None
+
+
+def recent(engine: Engine, limit: int = 20, model_version: str | None = None) -> list[dict]:
+    """The newest passes first."""
+    q = select(monitor_runs).order_by(monitor_runs.c.id.desc()).limit(limit)
+    if model_version:
+        q = q.where(monitor_runs.c.model_version == model_version)
+    with engine.connect() as conn:
+        return [_row_json(r) for r in conn.execute(q).all()]
+
+
+def consecutive_drift(engine: Engine, model_version: str, limit: int = 1000) -> int:
+    """How many of this version's newest passes with a verdict drifted in a row."""
+    q = (select(monitor_runs.c.drift).where(monitor_runs.c.model_version == model_version, monitor_runs.c.status == "ok")
+         .order_by(monitor_runs.c.id.desc()).limit(limit))
+    count = 0
+    with engine.connect() as conn:
+        for (drift,) in conn.execute(q):
+            if not drift:
+                break
+            count += 1
+    return count
