@@ -205,3 +205,55 @@ def test_real_prometheus_scrapes_service_and_controller_and_every_panel_and_aler
         if controller is not None:
             assert controller.stop() == 0
         server.stop()
+
+
+def test_controller_runs_scheduled_passes_from_its_persistent_job_store_and_stops_cleanly(tmp_path, tiny_model_dir):
+    from tests.test_monitoring import _log_traffic
+
+    home = tmp_path / "home"
+    home.mkdir()
+    demo = REPO / "finetune" / "demo_data" / "reviews.tsv"
+    out = cli_json(["train", "--data", str(demo), "--base-model", str(tiny_model_dir), "--epochs", "1", "--quiet",
+                    "--promote", "always", "--set", "report=false"], home)
+    rows = [(line.split("\t")[0], 0) for line in demo.read_text(encoding="utf-8").splitlines()[1:61]]
+    _log_traffic(home, out["model"], rows)
+
+    port = free_port()
+    env = {**os.environ, "DRIFTLOOP_HOME": str(home)}
+    env.pop("BENTOML_HOME", None)
+    env.pop("DRIFTLOOP_DB_URL", None)
+    log_path = home / "controller.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "driftloop", "controller", "--port", str(port), "--monitor-interval", "1",
+                                 "--min-samples", "50"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 90
+            metrics = ""
+            while time.time() < deadline:
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                try:
+                    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+                    if "driftloop_monitor_window_predictions 60.0" in metrics:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            else:
+                raise AssertionError(f"no scheduled pass reached /metrics:\n{metrics[-2000:]}\n{log_path.read_text()[-3000:]}")
+            status = httpx.get(f"http://127.0.0.1:{port}/status", timeout=5).json()
+            assert [j["id"] for j in status["jobs"]] == ["monitor"]
+            assert status["last_monitor_pass"]["model_version"] == out["model"]
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            code = proc.wait(timeout=60)
+    assert code == 0, log_path.read_text()[-3000:]
+    assert "controller stopped" in log_path.read_text()
+
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(f"sqlite:///{home / 'state.db'}")
+    with engine.connect() as conn:
+        jobs = conn.execute(sa.text("select id from controller_jobs")).scalars().all()
+        passes = conn.execute(sa.text("select count(*) from monitor_runs")).scalar_one()
+    assert jobs == ["monitor"]  # the schedule persists in the state DB for the next start
+    assert passes >= 1
