@@ -79,7 +79,6 @@ async def send(url: str, rows: list[tuple[str, str]], feedback_share: float, rng
 def embedding_false_alarms(engine, tag: str, windows: int, size: int) -> dict:
     """Stable windows only: how often each embedding test cries drift (MMD permutation vs Evidently default)."""
     from evidently import DataDefinition, Dataset, Report  # noqa: PLC0415
-    from evidently.core.datasets import Embeddings  # noqa: PLC0415
     from evidently.metrics import EmbeddingsDrift  # noqa: PLC0415
     import pandas as pd  # noqa: PLC0415
 
@@ -98,7 +97,7 @@ def embedding_false_alarms(engine, tag: str, windows: int, size: int) -> dict:
         t0 = time.perf_counter()
         ours += stats.mmd_permutation_test(ref.embeddings, cur, permutations=2000, max_samples=400, seed=w)["p_value"] <= 0.01
         t_ours += time.perf_counter() - t0
-        definition = DataDefinition(numerical_columns=dims, embeddings=[Embeddings(name="emb", columns=dims)])
+        definition = DataDefinition(numerical_columns=dims, embeddings={"emb": dims})
         t0 = time.perf_counter()
         snap = Report([EmbeddingsDrift(embeddings_name="emb")]).run(
             Dataset.from_pandas(pd.DataFrame(cur, columns=dims), data_definition=definition),
@@ -120,9 +119,14 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=250)
     parser.add_argument("--feedback-share", type=float, default=0.5)
     parser.add_argument("--fa-windows", type=int, default=10)
+    parser.add_argument("--analyse", metavar="HOME", help="Skip training and traffic: analyse a finished run's DRIFTLOOP_HOME.")
     args = parser.parse_args()
     data = Path(args.data)
     rng = random.Random(0)
+    if args.analyse:
+        saved = json.loads((Path(args.analyse) / "drift-passes.json").read_text())
+        analyse(saved["tag"], saved["val_accuracy"], saved["passes"], saved["phase_sizes"], args)
+        return
 
     sst2 = read_rows(data / "sst2" / "train.tsv")
     rng.shuffle(sst2)
@@ -173,17 +177,28 @@ def main() -> None:
             print(json.dumps(p), flush=True)
     finally:
         stop(proc)
+    phase_sizes = [(name, len(rows)) for name, rows in phases]
+    (Path(os.environ["DRIFTLOOP_HOME"]) / "drift-passes.json").write_text(json.dumps(
+        {"tag": tag, "val_accuracy": trained["metrics"]["val"]["accuracy"], "passes": passes, "phase_sizes": phase_sizes}))
+    analyse(tag, trained["metrics"]["val"]["accuracy"], passes, phase_sizes, args)
 
+
+def analyse(tag: str, val_accuracy: float, passes: list[dict], phase_sizes: list, args) -> None:
+    from finetune.statedb import get_engine  # noqa: PLC0415
+    from monitoring.config import MonitorConfig  # noqa: PLC0415
+    from monitoring.runner import monitor_once  # noqa: PLC0415
+
+    engine = get_engine()
     # summary: false alarms on windows made only of stable traffic; delay after each switch
-    summary = {"model": tag, "val_accuracy": trained["metrics"]["val"]["accuracy"]}
+    summary = {"model": tag, "val_accuracy": val_accuracy}
     pure_stable = [p for p in passes if set(p["window_phases"]) == {"sst2-stable"}]
     summary["stable_windows"] = len(pure_stable)
     summary["false_alarms"] = sum(bool(p["drift"]) for p in pure_stable)
     start_of = {}
     pos = 0
-    for name, rows in phases:
+    for name, size in phase_sizes:
         start_of[name] = pos
-        pos += len(rows)
+        pos += size
     for name in ("yelp", "imdb"):
         first = next((p for p in passes if p["after_requests"] > start_of[name] and p["drift"]), None)
         summary[f"{name}_detection_delay_requests"] = first["after_requests"] - start_of[name] if first else None

@@ -21,6 +21,8 @@ from finetune.home import state_db_url
 from finetune.statedb import get_engine
 from monitoring import exporter, runner, store
 from monitoring.config import MonitorConfig
+from monitoring.policy import PolicyConfig
+from monitoring.refine import RefineConfig
 
 log = logging.getLogger("driftloop.controller")
 REPORT_NAME = re.compile(r"^monitor-\d+\.html$")
@@ -34,14 +36,22 @@ class ControllerSettings(BaseModel):
     port: int = Field(3100, ge=1, le=65535)
     monitor_interval_s: float = Field(60.0, gt=0, description="Seconds between scheduled monitor passes.")
     monitor: MonitorConfig = MonitorConfig()
+    policy: PolicyConfig = PolicyConfig()
+    refine: RefineConfig = RefineConfig()
 
 
-def monitor_job(monitor: dict) -> None:
-    """The scheduled monitor pass (a module-level function: the persistent job store references it by name)."""
+def monitor_job(monitor: dict, policy: dict | None = None, refine: dict | None = None) -> None:
+    """The scheduled monitor pass, then the loop's policy on it (a module-level function: the
+    persistent job store references it by name)."""
     from finetune.errors import DriftloopError  # noqa: PLC0415
+    from monitoring import loop  # noqa: PLC0415
 
+    engine = get_engine()
     try:
-        runner.monitor_once(get_engine(), MonitorConfig.model_validate(monitor))
+        stored = runner.monitor_once(engine, MonitorConfig.model_validate(monitor))
+        if policy is not None:
+            latest = stored.to_json()
+            loop.after_pass(engine, latest, PolicyConfig.model_validate(policy), RefineConfig.model_validate(refine or {}))
     except DriftloopError as err:
         log.info("monitor pass skipped: %s", err)
     except Exception:
@@ -102,7 +112,12 @@ def build_app(engine, refresher: MetricsRefresher, scheduler=None):
         jobs = []
         if scheduler is not None:
             jobs = [{"id": j.id, "next_run_time": j.next_run_time.isoformat() if j.next_run_time else None} for j in scheduler.get_jobs()]
-        return JSONResponse({"last_monitor_pass": latest, "jobs": jobs})
+        from finetune import alias  # noqa: PLC0415
+        from monitoring import audit, loop  # noqa: PLC0415
+
+        prod = alias.current(engine=engine)
+        return JSONResponse({"champion": prod.tag if prod else None, "last_monitor_pass": latest, "jobs": jobs,
+                             "refine_running": loop.refine_running(), "recent_events": audit.history(engine, limit=10)})
 
     def _report(path):
         if path is None or not path.is_file():
@@ -142,7 +157,8 @@ def build_scheduler(settings: ControllerSettings):
         timezone="UTC",
     )
     scheduler.add_job(monitor_job, "interval", seconds=settings.monitor_interval_s, id="monitor", name="monitor pass",
-                      replace_existing=True, kwargs={"monitor": settings.monitor.model_dump()})
+                      replace_existing=True, kwargs={"monitor": settings.monitor.model_dump(), "policy": settings.policy.model_dump(),
+                                                     "refine": settings.refine.model_dump()})
     return scheduler
 
 
@@ -166,5 +182,8 @@ def run(settings: ControllerSettings) -> None:
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     finally:
+        from monitoring import loop  # noqa: PLC0415
+
+        loop.stop_refine()
         scheduler.shutdown(wait=True)
         log.info("controller stopped")

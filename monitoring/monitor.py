@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import f1_score
 
 from finetune import profile, registry
 from finetune.descriptors import DESCRIPTOR_COLUMNS
@@ -159,7 +158,10 @@ def _quality(reference: Reference, window: Window, config: MonitorConfig) -> dic
         correct = int((truth == pred).sum())
         lo, hi = stats.wilson_interval(correct, n)
         names = reference.label_names
-        f1 = lambda idx: f1_score(truth[idx], pred[idx], labels=names, average="macro", zero_division=0)  # noqa: E731
+        code = {name: i for i, name in enumerate(names)}
+        t_idx = np.array([code.get(t, -1) for t in truth])
+        p_idx = np.array([code.get(x, -1) for x in pred])
+        f1 = lambda idx: macro_f1(t_idx[idx], p_idx[idx], len(names))  # noqa: E731
         f_lo, f_hi = stats.bootstrap_interval(f1, n, rounds=config.bootstrap_rounds)
         est_labelled = float(labelled["confidence"].mean())
         out.update({
@@ -168,6 +170,18 @@ def _quality(reference: Reference, window: Window, config: MonitorConfig) -> dic
             "estimated_accuracy_labelled": est_labelled, "estimation_error": est_labelled - correct / n,
         })
     return out
+
+
+def macro_f1(truth: np.ndarray, pred: np.ndarray, k: int) -> float:
+    """Macro-F1 over k classes from integer codes (-1 = unknown), classes absent from both sides count 0
+    like sklearn's `zero_division=0`. Vectorised: the bootstrap calls it hundreds of times a pass, where
+    sklearn's f1_score took ~1 s per 300 resamples (measured)."""
+    tp = np.bincount(truth[(truth == pred) & (truth >= 0)], minlength=k)[:k].astype(float)
+    n_true = np.bincount(truth[truth >= 0], minlength=k)[:k]
+    n_pred = np.bincount(pred[pred >= 0], minlength=k)[:k]
+    denom = n_true + n_pred
+    f1 = np.divide(2 * tp, denom, out=np.zeros(k), where=denom > 0)
+    return float(f1.mean())
 
 
 def run_pass(reference: Reference, window: Window, config: MonitorConfig) -> PassResult:

@@ -46,6 +46,20 @@ def test_mmd_permutation_test_controls_false_alarms_and_detects_shift():
     assert stats.mmd_permutation_test(ref, shifted, permutations=200)["p_value"] <= 0.01
 
 
+def test_vectorised_macro_f1_agrees_with_sklearn():
+    from sklearn.metrics import f1_score
+
+    from monitoring.monitor import macro_f1
+
+    rng = np.random.default_rng(0)
+    for k in (2, 3, 5):
+        truth, pred = rng.integers(0, k, 200), rng.integers(0, k, 200)
+        pred[:20] = 0  # unbalanced predictions
+        assert macro_f1(truth, pred, k) == pytest.approx(
+            f1_score(truth, pred, labels=list(range(k)), average="macro", zero_division=0))
+    assert macro_f1(np.array([0, 0]), np.array([0, 0]), 2) == pytest.approx(0.5)
+
+
 # ---------------------------------------------------------------- passes on real data
 
 def _sentences(path: Path, tsv_header: bool) -> list[tuple[str, int]]:

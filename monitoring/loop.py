@@ -1,0 +1,194 @@
+"""The closed loop's step after every monitor pass: bake check, policy, and maybe a refinement.
+
+The refinement runs as a child process (`driftloop refine --json`), one at a time, in a thread of
+the controller, so monitor passes and the service never wait for it. Everything is recorded in the
+audit trail (monitoring/audit.py) and counted on the controller's /metrics.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+
+from finetune import alias
+from monitoring import audit, exporter, predlog, store
+from monitoring.policy import PolicyConfig, Signals, decide
+from monitoring.refine import RefineConfig
+
+log = logging.getLogger("driftloop.loop")
+_refine_lock = threading.Lock()
+_refine_proc: subprocess.Popen | None = None
+
+
+def refine_running() -> bool:
+    return _refine_lock.locked()
+
+
+def _labels_since(engine: Engine, version: str, since: dt.datetime | None, from_id: int | None = None) -> int:
+    """Labelled predictions of `version` (labelled after `since`, on log rows from `from_id` on)."""
+    c = predlog.predictions.c
+    q = select(func.count()).select_from(predlog.predictions).where(c.model_version == version, c.feedback_label.is_not(None))
+    if since is not None:
+        q = q.where(c.feedback_at >= since)
+    if from_id is not None:
+        q = q.where(c.id >= from_id)
+    with engine.connect() as conn:
+        return int(conn.execute(q).scalar_one())
+
+
+def drift_streak(engine: Engine, version: str) -> tuple[int | None, list[int]]:
+    """(first log id, run ids) of the current streak of drifted passes of `version`."""
+    first, runs = None, []
+    for row in store.recent(engine, limit=200, model_version=version):
+        if row["status"] != "ok":
+            continue
+        if not row["drift"]:
+            break
+        runs.append(row["run_id"])
+        first = row["window_first_id"] if first is None else min(first, row["window_first_id"])
+    return first, runs[::-1]
+
+
+def gather_signals(engine: Engine, latest: dict, now: dt.datetime | None = None) -> Signals:
+    now = now or dt.datetime.now(dt.timezone.utc)
+    version = latest["model_version"]
+    q = latest.get("quality") or {}
+    last = audit.last(engine, "retrain_started")
+    last_at = dt.datetime.fromisoformat(last["at"]) if last else None
+    # count the labels a refinement would train on: those of the current drift streak (else since the last retrain)
+    streak_start, _ = drift_streak(engine, version)
+    return Signals(
+        now=now, consecutive_drift=store.consecutive_drift(engine, version),
+        realized_accuracy=q.get("realized_accuracy"), labelled_in_window=int(q.get("labelled") or 0),
+        estimated_accuracy=q.get("estimated_accuracy"), reference_accuracy=(latest.get("reference") or {}).get("accuracy"),
+        new_labels=_labels_since(engine, version, last_at, streak_start), last_retrain_at=last_at,
+        retrains_last_24h=audit.count_since(engine, "retrain_started", now - dt.timedelta(hours=24)),
+        retrain_running=refine_running(),
+    )
+
+
+def bake_check(engine: Engine, latest: dict, policy: PolicyConfig, epsilon: float) -> str | None:
+    """After a promotion: roll back if the new champion's realized accuracy falls below the old one's by > epsilon."""
+    promo = audit.last(engine, "promotion")
+    if promo is None or promo["model_version"] != latest["model_version"]:
+        return None
+    done = audit.history(engine, limit=20, kinds=("bake_passed", "rollback"))
+    if any(e["id"] > promo["id"] and e["model_version"] == promo["model_version"] for e in done):
+        return None
+    q = latest.get("quality") or {}
+    realized, n = q.get("realized_accuracy"), int(q.get("labelled") or 0)
+    old = promo.get("previous_gate_accuracy")
+    if realized is None or n < policy.min_labels or old is None:
+        return None
+    state = alias.current(engine=engine)
+    if state is None or state.tag != promo["model_version"]:
+        return None
+    if realized < old - epsilon:
+        alias.rollback(reason=f"bake: realized accuracy {realized:.3f} < previous champion's {old:.3f} - {epsilon}", actor="controller",
+                       engine=engine)
+        audit.record(engine, "rollback", promo["model_version"], to=promo.get("previous"), realized_accuracy=realized,
+                     labelled=n, previous_gate_accuracy=old)
+        exporter.ROLLBACKS.inc()
+        return "rollback"
+    audit.record(engine, "bake_passed", promo["model_version"], realized_accuracy=realized, labelled=n, previous_gate_accuracy=old)
+    return "bake_passed"
+
+
+def refine_command(refine: RefineConfig, trigger: str, since_id: int | None, runs: list[int]) -> list[str]:
+    cmd = [sys.executable, "-m", "driftloop", "refine", "--json", "--quiet", "--trigger", trigger,
+           "--config-json", refine.model_dump_json(), "--monitor-runs", ",".join(map(str, runs)) or "none"]
+    if since_id is not None:
+        cmd += ["--since-id", str(since_id)]
+    return cmd
+
+
+def _run_refine(engine: Engine, cmd: list[str], version: str) -> None:
+    global _refine_proc
+    try:
+        exporter.RETRAINS.labels(outcome="started").inc()
+        log_dir = Path(os.environ.get("DRIFTLOOP_HOME", ".")) / "runs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        with open(log_dir / f"refine-{stamp}.log", "w") as err:
+            _refine_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
+                                            cwd=str(Path(__file__).resolve().parent.parent))
+            out, _ = _refine_proc.communicate()
+        code = _refine_proc.returncode
+        if code == 0:
+            summary = json.loads(out.strip().splitlines()[-1])
+            exporter.RETRAINS.labels(outcome="succeeded").inc()
+            if summary.get("promoted"):
+                exporter.PROMOTIONS.inc()
+            log.info("refinement done: %s promoted=%s", summary.get("challenger"), summary.get("promoted"))
+        else:
+            exporter.RETRAINS.labels(outcome="failed").inc()
+            audit.record(engine, "retrain_failed", version, exit_code=code, log=str(log_dir / f"refine-{stamp}.log"))
+            log.error("refinement failed (exit %s), see %s", code, log_dir / f"refine-{stamp}.log")
+    except Exception as err:  # noqa: BLE001 - a failed job is recorded, the controller keeps running
+        exporter.RETRAINS.labels(outcome="failed").inc()
+        audit.record(engine, "retrain_failed", version, error=f"{type(err).__name__}: {err}")
+        log.exception("refinement job crashed")
+    finally:
+        _refine_proc = None
+        _refine_lock.release()
+
+
+def start_refine(engine: Engine, refine: RefineConfig, trigger: str, version: str, since_id: int | None = None,
+                 runs: list[int] | None = None, wait: bool = False) -> bool:
+    """Start a refinement unless one runs; False if one was running."""
+    if not _refine_lock.acquire(blocking=False):
+        return False
+    thread = threading.Thread(target=_run_refine, args=(engine, refine_command(refine, trigger, since_id, runs or []), version),
+                              name="driftloop-refine", daemon=True)
+    thread.start()
+    if wait:
+        thread.join()
+    return True
+
+
+def stop_refine(timeout: float = 30) -> None:
+    """On controller shutdown: stop a running refinement (it registers nothing partial) and wait."""
+    proc = _refine_proc
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def after_pass(engine: Engine, latest: dict, policy: PolicyConfig, refine: RefineConfig) -> dict:
+    """Bake check, then the policy on this pass's signals; may start a refinement. Returns the decision."""
+    version = latest["model_version"]
+    current = alias.current(engine=engine)
+    if current is None or current.tag != version or latest.get("status") != "ok":
+        reason = (f"the pass monitored {version}, not the production model" if current is None or current.tag != version
+                  else f"no verdict ({latest.get('window_size')} predictions in the window)")
+        decision = {"action": "skip", "reason": reason}
+        audit.record(engine, "policy", version, run_id=latest.get("run_id"), **decision)
+        return decision
+    baked = bake_check(engine, latest, policy, refine.gate.epsilon)
+    if baked == "rollback":
+        decision = {"action": "skip", "reason": "rolled back the new champion (bake failed)"}
+        audit.record(engine, "policy", version, run_id=latest.get("run_id"), **decision)
+        return decision
+    signals = gather_signals(engine, latest)
+    d = decide(signals, policy)
+    out = {**d.to_json(), "signals": signals.to_json(), "run_id": latest.get("run_id")}
+    if d.action == "retrain" and not d.dry_run:
+        since_id, runs = drift_streak(engine, version)
+        if policy.mode in ("schedule", "performance"):
+            since_id = None
+        started = start_refine(engine, refine, d.reason, version, since_id, runs)
+        out["started"] = started
+    audit.record(engine, "policy", version, **out)
+    return out
