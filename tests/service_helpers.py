@@ -49,19 +49,52 @@ class Server:
             time.sleep(0.3)
         raise TimeoutError(f"server not ready in {timeout}s:\n{self.log_path.read_text()[-4000:]}")
 
+    def _descendants(self) -> list:
+        import psutil
+
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Signal the whole process group (the BentoML supervisor and its workers)."""
+        """Signal the supervisor and every worker, like a crash of the machine.
+
+        BentoML starts its workers in their own process groups, and a worker whose supervisor was
+        SIGKILLed keeps running (orphaned, still serving on the inherited socket), so the whole
+        tree is signalled, not just the group.
+        """
         if self.proc.poll() is None:
+            workers = self._descendants()
             os.killpg(self.proc.pid, sig)
+            for w in workers:
+                try:
+                    w.send_signal(sig)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
             self.proc.wait(timeout=60)
+            for w in workers:
+                try:
+                    w.wait(timeout=30)
+                except Exception:  # noqa: BLE001
+                    pass
         self._log.close()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
+            workers = self._descendants()
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=30)
+            for w in workers:  # a graceful stop takes its workers along; make sure
+                try:
+                    w.wait(timeout=15)
+                except Exception:  # noqa: BLE001
+                    try:
+                        w.kill()
+                    except Exception:  # noqa: BLE001
+                        pass
         self._log.close()

@@ -77,3 +77,56 @@ def test_demo_end_to_end_retrains_only_after_the_shift_and_improves_the_shifted_
     assert out["shifted_accuracy_after"] >= out["shifted_accuracy_before"] + 0.10, out
     assert out["source_accuracy_after"] >= out["source_accuracy_before"] - 0.01, out
     assert out["seconds_shift_to_promotion"] is not None and out["seconds_total"] < 600
+
+
+def test_up_runs_service_controller_and_prometheus_and_stops_them_all_on_ctrl_c(tmp_path, tiny_model_dir):
+    import os
+    import shutil
+    import signal
+    import subprocess
+
+    import httpx
+    import psutil
+
+    from tests.conftest import REPO
+    from tests.service_helpers import free_port
+
+    home = tmp_path / "home"
+    home.mkdir()
+    port, cport, pport = free_port(), free_port(), free_port()
+    env = {**os.environ, "DRIFTLOOP_HOME": str(home)}
+    env.pop("BENTOML_HOME", None)
+    env.pop("DRIFTLOOP_DB_URL", None)
+    log = open(home / "up.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "driftloop", "up", "--base-model", str(tiny_model_dir), "--epochs", "1",
+                             "--port", str(port), "--controller-port", str(cport), "--prometheus-port", str(pport)],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    want = [f"http://127.0.0.1:{port}/readyz", f"http://127.0.0.1:{cport}/healthz"]
+    if shutil.which("prometheus"):
+        want.append(f"http://127.0.0.1:{pport}/-/ready")
+    try:
+        deadline = time.time() + 240
+        pending = list(want)
+        while pending and time.time() < deadline:
+            assert proc.poll() is None, (home / "up.log").read_text()[-3000:]
+            try:
+                if httpx.get(pending[0], timeout=2).status_code == 200:
+                    pending.pop(0)
+                    continue
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        assert not pending, f"not up: {pending}\n{(home / 'up.log').read_text()[-3000:]}"
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 3
+        r = httpx.post(f"http://127.0.0.1:{port}/predict", json={"texts": ["a great product"]}, timeout=30)
+        assert r.status_code == 200
+    finally:
+        os.kill(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=120)
+        log.close()
+    assert code == 0, (home / "up.log").read_text()[-3000:]
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"left running: {[p.pid for p in alive]}"
+    out = (home / "up.log").read_text()
+    assert f"http://127.0.0.1:{port}" in out and f"http://127.0.0.1:{cport}" in out

@@ -199,12 +199,16 @@ def test_real_prometheus_scrapes_service_and_controller_and_every_panel_and_aler
         assert httpx.get(f"{controller.url}/reports/..%2Fstate.db", timeout=10).status_code == 404
         assert httpx.get(f"{controller.url}/reports/monitor-999999.html", timeout=10).status_code == 404
     finally:
-        if prom is not None:
-            prom.terminate()
-            prom.wait(timeout=30)
-        if controller is not None:
-            assert controller.stop() == 0
-        server.stop()
+        code = None
+        try:
+            if prom is not None:
+                prom.terminate()
+                prom.wait(timeout=30)
+            if controller is not None:
+                code = controller.stop()
+        finally:
+            server.stop()
+    assert code == 0, "the controller did not exit cleanly on SIGTERM"
 
 
 def test_controller_runs_scheduled_passes_from_its_persistent_job_store_and_stops_cleanly(tmp_path, tiny_model_dir):
