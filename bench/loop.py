@@ -34,6 +34,8 @@ os.environ.pop("DRIFTLOOP_DB_URL", None)
 
 import httpx  # noqa: E402
 
+CONTROLLER_SETS: list[str] = []
+
 from monitoring.demo import Proc, _accuracy, _free_port, _write_tsv  # noqa: E402
 from monitoring.replay import labelled_rows, replay  # noqa: E402
 
@@ -64,8 +66,9 @@ def scenario(name: str, champion_home: Path, champion: str, stable: list, shift:
 
     try:
         service.wait_http(f"{url}/readyz")
-        controller = Proc(["controller", "--port", str(cport), "--monitor-interval", "5", "--window", "250", "--min-samples", "200"],
-                          env, home / "controller.log")
+        sets = [x for item in CONTROLLER_SETS for x in ("--set", item)]
+        controller = Proc(["controller", "--port", str(cport), "--monitor-interval", "5", "--window", "250", "--min-samples", "200",
+                           *sets], env, home / "controller.log")
         controller.wait_http(f"{curl}/healthz")
         engine = get_engine()
         say(f"[{name}] stable: {len(stable)} SST-2 rows, feedback {feedback:.0%}")
@@ -97,9 +100,12 @@ def scenario(name: str, champion_home: Path, champion: str, stable: list, shift:
         requests_to_alarm = (alarm["window_last_id"] - first_shift_id) if alarm else None
         gates = audit.history(engine, limit=10, kinds=("gate",))
         served = None
-        if promoted:
-            r = httpx.post(f"{url}/predict", json={"texts": [shift[0][0]]}, timeout=30)
-            served = r.json()[0]["model_version"] if r.status_code == 200 else None
+        if promoted:  # every worker polls the alias each second: wait for the hot swap
+            swap_deadline = time.time() + 60
+            while time.time() < swap_deadline and served != promoted:
+                r = httpx.post(f"{url}/predict", json={"texts": [shift[0][0]]}, timeout=30)
+                served = r.json()[0]["model_version"] if r.status_code == 200 else None
+                time.sleep(0.5)
     finally:
         if controller is not None:
             controller.stop()
@@ -132,7 +138,9 @@ def main() -> None:
     parser.add_argument("--feedback", type=float, default=0.5)
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="Controller config, e.g. refine.replay_ratio=2.")
     args = parser.parse_args()
+    CONTROLLER_SETS.extend(args.sets)
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: print(s, flush=True))
     data = Path(args.data)
     rng = random.Random(0)

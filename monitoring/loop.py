@@ -111,8 +111,18 @@ def refine_command(refine: RefineConfig, trigger: str, since_id: int | None, run
     return cmd
 
 
+def _child_outcome(engine: Engine, after_id: int) -> dict | None:
+    """The outcome the refinement process recorded itself (it writes retrain_succeeded when done)."""
+    for e in audit.history(engine, limit=20, kinds=("retrain_succeeded",)):
+        if e["id"] > after_id:
+            return e
+    return None
+
+
 def _run_refine(engine: Engine, cmd: list[str], version: str) -> None:
     global _refine_proc
+    latest = audit.history(engine, limit=1)
+    start_id = latest[0]["id"] if latest else 0
     try:
         exporter.RETRAINS.labels(outcome="started").inc()
         log_dir = Path(os.environ.get("DRIFTLOOP_HOME", ".")) / "runs"
@@ -123,7 +133,14 @@ def _run_refine(engine: Engine, cmd: list[str], version: str) -> None:
                                             cwd=str(Path(__file__).resolve().parent.parent))
             out, _ = _refine_proc.communicate()
         code = _refine_proc.returncode
-        if code == 0:
+        if code != 0 and _child_outcome(engine, start_id) is not None:
+            # it finished its work (registered, gated, maybe promoted) and was stopped while exiting
+            log.info("refinement stopped (exit %s) after recording its outcome; counted as succeeded", code)
+            outcome = _child_outcome(engine, start_id)
+            exporter.RETRAINS.labels(outcome="succeeded").inc()
+            if outcome.get("promoted"):
+                exporter.PROMOTIONS.inc()
+        elif code == 0:
             summary = json.loads(out.strip().splitlines()[-1])
             exporter.RETRAINS.labels(outcome="succeeded").inc()
             if summary.get("promoted"):

@@ -211,7 +211,7 @@ def test_real_prometheus_scrapes_service_and_controller_and_every_panel_and_aler
     assert code == 0, "the controller did not exit cleanly on SIGTERM"
 
 
-def test_controller_runs_scheduled_passes_from_its_persistent_job_store_and_stops_cleanly(tmp_path, tiny_model_dir):
+def test_controller_runs_scheduled_passes_keeps_its_schedule_across_restarts_and_stops_cleanly(tmp_path, tiny_model_dir):
     from tests.test_monitoring import _log_traffic
 
     home = tmp_path / "home"
@@ -222,36 +222,46 @@ def test_controller_runs_scheduled_passes_from_its_persistent_job_store_and_stop
     rows = [(line.split("\t")[0], 0) for line in demo.read_text(encoding="utf-8").splitlines()[1:61]]
     _log_traffic(home, out["model"], rows)
 
-    port = free_port()
     env = {**os.environ, "DRIFTLOOP_HOME": str(home)}
     env.pop("BENTOML_HOME", None)
     env.pop("DRIFTLOOP_DB_URL", None)
-    log_path = home / "controller.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "driftloop", "controller", "--port", str(port), "--monitor-interval", "1",
-                                 "--min-samples", "50"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.time() + 90
-            metrics = ""
-            while time.time() < deadline:
-                assert proc.poll() is None, log_path.read_text()[-3000:]
-                try:
-                    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-                    if "driftloop_monitor_window_predictions 60.0" in metrics:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
-            else:
-                raise AssertionError(f"no scheduled pass reached /metrics:\n{metrics[-2000:]}\n{log_path.read_text()[-3000:]}")
-            status = httpx.get(f"http://127.0.0.1:{port}/status", timeout=5).json()
-            assert [j["id"] for j in status["jobs"]] == ["monitor"]
-            assert status["last_monitor_pass"]["model_version"] == out["model"]
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            code = proc.wait(timeout=60)
-    assert code == 0, log_path.read_text()[-3000:]
-    assert "controller stopped" in log_path.read_text()
+
+    def run_controller(log_path: Path, min_pass_id: int) -> dict:
+        """Start a controller, wait for a scheduled pass newer than `min_pass_id`, stop it; its last pass."""
+        port = free_port()
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "driftloop", "controller", "--port", str(port), "--monitor-interval", "1",
+                                     "--min-samples", "50"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                deadline = time.time() + 90
+                status = {}
+                while time.time() < deadline:
+                    assert proc.poll() is None, log_path.read_text()[-3000:]
+                    try:
+                        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+                        status = httpx.get(f"http://127.0.0.1:{port}/status", timeout=5).json()
+                        last = status.get("last_monitor_pass") or {}
+                        if "driftloop_monitor_window_predictions 60.0" in metrics and last.get("run_id", 0) > min_pass_id:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    time.sleep(0.5)
+                else:
+                    raise AssertionError(f"no scheduled pass reached /metrics:\n{log_path.read_text()[-3000:]}")
+                assert [j["id"] for j in status["jobs"]] == ["monitor"]
+                assert status["last_monitor_pass"]["model_version"] == out["model"]
+            finally:
+                os.killpg(proc.pid, signal.SIGTERM)
+                code = proc.wait(timeout=60)
+        assert code == 0, log_path.read_text()[-3000:]
+        assert "controller stopped" in log_path.read_text()
+        return status["last_monitor_pass"]
+
+    first = run_controller(home / "controller-1.log", 0)
+    # a restarted controller finds its schedule in the state DB (one job, not two) and goes on
+    second = run_controller(home / "controller-2.log", first["run_id"])
+    assert second["run_id"] > first["run_id"]
 
     import sqlalchemy as sa
 
