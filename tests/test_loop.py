@@ -130,3 +130,19 @@ def test_up_runs_service_controller_and_prometheus_and_stops_them_all_on_ctrl_c(
     assert not alive, f"left running: {[p.pid for p in alive]}"
     out = (home / "up.log").read_text()
     assert f"http://127.0.0.1:{port}" in out and f"http://127.0.0.1:{cport}" in out
+
+
+def test_loop_commands_reject_bad_input_with_one_line(home):
+    cases = [
+        (["replay", "--data", "demo:reviews", "--url", "http://127.0.0.1:9"], "error: service not reachable"),
+        (["replay", "--data", str(home / "missing.tsv")], "error: data file not found"),
+        (["controller", "--set", "policy.mode=sometimes"], "error: invalid config: policy.mode"),
+        (["controller", "--set", "policy.cooldownn_s=3"], "error: invalid config: policy.cooldownn_s"),
+        (["retrain"], "error: no production model to refine"),
+        (["rollback"], "error:"),
+    ]
+    for args, expected in cases:
+        proc = run_cli(args, home, timeout=120)
+        assert proc.returncode == 2, (args, proc.stderr[-1500:])
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(expected), (args, last)
