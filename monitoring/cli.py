@@ -142,6 +142,15 @@ def refine_command(
     typer.echo("promoted" if summary["promoted"] else "not promoted: " + "; ".join(g["reasons"]))
 
 
+def gate_line(e: dict) -> str:
+    """One line for a gate result: verdict, fresh-label accuracies, McNemar p, regression loss."""
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    verdict = "passed" if e.get("passed") else "failed: " + "; ".join(e.get("reasons") or [])
+    p = e.get("p_value")
+    return (f"{verdict} (fresh {fmt(e.get('champion_fresh_accuracy'))} -> {fmt(e.get('challenger_fresh_accuracy'))} on "
+            f"{e.get('fresh_n')} items, McNemar p={'-' if p is None else f'{p:.2g}'}, regression loss {fmt(e.get('regression_loss'))})")
+
+
 def history_command(
     limit: int = typer.Option(30, min=1, help="Newest events."),
     kind: Optional[list[str]] = typer.Option(None, help="Only these kinds (policy, retrain_started, gate, promotion, rollback ...)."),
@@ -157,8 +166,7 @@ def history_command(
         return
     for e in events:
         if e["kind"] == "gate":
-            detail = ("passed" if e.get("passed") else "failed: " + "; ".join(e.get("reasons") or [])) + \
-                f" (fresh {e.get('champion_fresh_accuracy')} -> {e.get('challenger_fresh_accuracy')} on {e.get('fresh_n')})"
+            detail = gate_line(e)
         elif e["kind"] == "promotion":
             detail = f"replaces {e.get('previous')}"
         else:

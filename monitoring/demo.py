@@ -164,7 +164,14 @@ def run(home: Path, *, say: Callable[[str], None], base_model: str = "gt-all-min
                 if e["id"] in reported or e["kind"] == "policy" and e.get("action") != "retrain":
                     continue
                 reported.add(e["id"])
-                detail = e.get("reason") or e.get("trigger") or "; ".join(e.get("reasons") or []) or ""
+                if e["kind"] == "gate":
+                    from monitoring.cli import gate_line  # noqa: PLC0415
+
+                    detail = gate_line(e)
+                elif e["kind"] == "promotion":
+                    detail = f"replaces {e.get('previous')}"
+                else:
+                    detail = e.get("reason") or e.get("trigger") or "; ".join(e.get("reasons") or []) or ""
                 say(f"    [{e['kind']}] {e.get('model_version') or ''} {detail}".rstrip())
             state = alias.current(engine=engine)
             if state is not None and state.tag != champion:
