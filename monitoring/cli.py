@@ -36,7 +36,7 @@ def _summary(out: dict) -> str:
 def monitor_command(
     once: bool = typer.Option(True, "--once/--loop", help="One pass and exit, or a pass every --every seconds."),
     every: float = typer.Option(60.0, help="Seconds between passes with --loop."),
-    window: Optional[int] = typer.Option(None, min=10, help="Last N predictions (default 1000)."),
+    window: Optional[int] = typer.Option(None, help="Last N predictions (default 1000)."),
     window_seconds: Optional[float] = typer.Option(None, help="Only predictions of the last S seconds."),
     min_samples: Optional[int] = typer.Option(None, help="No verdict below this many predictions."),
     alpha: Optional[float] = typer.Option(None, help="Family-wise false-alarm rate of a pass."),

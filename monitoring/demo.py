@@ -36,12 +36,12 @@ def _free_port() -> int:
 
 
 class Proc:
-    """A driftloop subprocess in its own process group, logging to a file."""
+    """A subprocess in its own process group, logging to a file: `driftloop <args>`, or `cmd` as given."""
 
-    def __init__(self, args: list[str], env: dict, log_path: Path):
+    def __init__(self, args: list[str], env: dict, log_path: Path, *, cmd: list[str] | None = None):
         self.log_path = log_path
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "driftloop", *args], cwd=REPO, env=env, stdout=self.log,
+        self.proc = subprocess.Popen(cmd or [sys.executable, "-m", "driftloop", *args], cwd=REPO, env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_http(self, url: str, timeout: float = 180) -> None:

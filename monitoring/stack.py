@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -57,11 +56,10 @@ def run(home: Path, *, port: int, controller_port: int, prometheus_port: int, wi
         if with_prometheus and binary:
             cfg_path = home / "prometheus.yml"
             cfg_path.write_text(yaml.safe_dump(prometheus_config(f"127.0.0.1:{port}", f"127.0.0.1:{controller_port}")))
-            log = open(home / "prometheus.log", "w")
-            prom = subprocess.Popen([binary, f"--config.file={cfg_path}", f"--storage.tsdb.path={home / 'prometheus'}",
-                                     f"--web.listen-address=127.0.0.1:{prometheus_port}"], stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-            procs.append(("prometheus", _Raw(prom, log)))
+            prom = Proc([], env, home / "prometheus.log",
+                        cmd=[binary, f"--config.file={cfg_path}", f"--storage.tsdb.path={home / 'prometheus'}",
+                             f"--web.listen-address=127.0.0.1:{prometheus_port}"])
+            procs.append(("prometheus", prom))
             say(f"prometheus: http://127.0.0.1:{prometheus_port}   (alerts: /alerts)")
         elif with_prometheus:
             say("prometheus: not installed (apt-get install prometheus), skipped")
@@ -79,18 +77,3 @@ def run(home: Path, *, port: int, controller_port: int, prometheus_port: int, wi
         for s, handler in old.items():
             signal.signal(s, handler)
 
-
-class _Raw:
-    """A plain subprocess with the same stop() as Proc."""
-
-    def __init__(self, proc: subprocess.Popen, log):
-        self.proc, self.log = proc, log
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self.log.close()

@@ -189,6 +189,7 @@ def test_monitor_without_anything_to_monitor_fails_with_one_line(home):
 
 
 def test_monitor_rejects_bad_flags_with_one_line(home):
-    proc = run_cli(["monitor", "--once", "--alpha", "2"], home)
-    assert proc.returncode == 2
-    assert "error: --alpha" in proc.stderr.strip().splitlines()[-1]
+    for args, expected in ((["--alpha", "2"], "error: --alpha"), (["--window", "5"], "error: --window")):
+        proc = run_cli(["monitor", "--once", *args], home)
+        assert proc.returncode == 2
+        assert expected in proc.stderr.strip().splitlines()[-1]
