@@ -22,7 +22,8 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, home: Path, port: int | None = None, env: dict | None = None, workers: int = 1):
+    def __init__(self, home: Path, port: int | None = None, env: dict | None = None, workers: int = 1,
+                 db_url: str | None = None):
         self.home = home
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -31,6 +32,8 @@ class Server:
         env_all.pop("BENTOML_HOME", None)
         env_all.pop("DRIFTLOOP_DB_URL", None)
         env_all.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        if db_url:  # the state DB (prediction log, alias) at this URL instead of SQLite under the home
+            env_all["DRIFTLOOP_DB_URL"] = db_url
         self.log_path = home / f"server-{self.port}.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "driftloop", "serve", "--port", str(self.port)], cwd=REPO,
