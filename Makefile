@@ -9,7 +9,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install prometheus up test test-fast bench clean
+.PHONY: install prometheus postgres up test test-fast bench clean
 
 install: $(STAMP)
 
@@ -32,13 +32,27 @@ prometheus:
 	      || { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; \
 	  fi; }
 
+# The storage, service and leader tests start a throwaway PostgreSQL on loopback (tests/pg.py) from the
+# Debian package `postgresql` (server binaries in /usr/lib/postgresql/<major>/bin; the tests run initdb
+# themselves: no system cluster is used or needed).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else SUDO=none; fi; \
+	  if [ "$$SUDO" = none ] || ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "warning: install the 'postgresql' package for the PostgreSQL storage tests"; \
+	  else \
+	    echo "installing the Debian package postgresql ..."; \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null \
+	      || { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }; \
+	  fi; }
+
 up: install
 	$(BIN)/driftloop up
 
-test: install prometheus
+test: install prometheus postgres
 	$(BIN)/python -m pytest -q -ra
 
-test-fast: install prometheus
+test-fast: install prometheus postgres
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 bench: install

@@ -71,8 +71,10 @@ async def send(url: str, rows: list[tuple[str, str]], feedback_share: float, rng
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         items = [{"request_id": ids[i], "label": rows[i][1]} for i in range(len(rows)) if rng.random() < feedback_share]
-        if items:
-            (await client.post(f"{url}/feedback", json={"items": items})).raise_for_status()
+        if items:  # the feedback token of this home (the service generated it at startup, or DRIFTLOOP_FEEDBACK_TOKEN)
+            from finetune import tokens  # noqa: PLC0415
+
+            (await client.post(f"{url}/feedback", json={"items": items}, headers=tokens.authorization_header("feedback"))).raise_for_status()
     return ids
 
 

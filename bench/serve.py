@@ -10,6 +10,7 @@ sentences), on loopback only, each load bounded in time and count:
 
     python bench/serve.py                         # concurrency 1, 8, 32, 64; 3 rounds of 15 s each
     python bench/serve.py --duration 30 --rounds 5 --concurrency 32 64
+    python bench/serve.py --client python         # the asyncio client instead of wrk
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import asyncio
 import csv
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -101,7 +103,24 @@ async def _load(url: str, texts: list[str], concurrency: int, duration: float, m
             "p99_ms": round(float(np.percentile(lat, 99)), 1), "errors": errors}
 
 
-def load(url: str, texts: list[str], concurrency: int, duration: float) -> dict:
+def _wrk(url: str, bodies: Path, concurrency: int, duration: float) -> dict:
+    """The same closed-loop load from wrk (C, one thread): the load generator takes far less of the
+    2 shared cores than a Python client, so the server is measured rather than the client."""
+    out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--timeout", "60s",
+                          "-s", str(ROOT / "bench" / "wrk_predict.lua"), f"{url}/predict", "--", str(bodies)],
+                         capture_output=True, text=True, check=True, timeout=duration + 120)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    errors = r["non200"] + r["socket_errors"]
+    seconds = r["duration_us"] / 1e6
+    return {"requests": r["requests"], "req_per_s": round((r["requests"] - r["non200"]) / seconds, 1),
+            "p50_ms": round(r["p50_us"] / 1000, 1), "p99_ms": round(r["p99_us"] / 1000, 1), "errors": errors}
+
+
+def load(url: str, texts: list[str], concurrency: int, duration: float, bodies: Path | None = None) -> dict:
+    """Warm up, then measure; with `bodies` (a JSON-lines file of request bodies) through wrk."""
+    if bodies is not None:
+        _wrk(url, bodies, concurrency, min(2.0, duration / 5))  # warm-up, not reported
+        return _wrk(url, bodies, concurrency, duration)
     asyncio.run(_load(url, texts, concurrency, min(2.0, duration / 5), 10_000))  # warm-up, not reported
     return asyncio.run(_load(url, texts, concurrency, duration, 100_000))
 
@@ -148,8 +167,17 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=15.0)
     parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds per concurrency; the median is reported.")
     parser.add_argument("--model", default=None, help="A registered tag to serve (default: train a small one first).")
+    parser.add_argument("--client", choices=["auto", "wrk", "python"], default="auto",
+                        help="Load generator: wrk (Debian package) when installed, else the asyncio client.")
     args = parser.parse_args()
     texts = sst2_sentences(Path(args.data) / "test.tsv")
+    bodies = None
+    if args.client == "wrk" or (args.client == "auto" and shutil.which("wrk")):
+        if not shutil.which("wrk"):
+            raise SystemExit("error: wrk is not installed (apt-get install wrk), or use --client python")
+        bodies = Path(os.environ["DRIFTLOOP_HOME"]) / "bodies.jsonl"
+        bodies.write_text("".join(json.dumps({"texts": [t]}) + "\n" for t in texts), encoding="utf-8")
+    print(json.dumps({"client": "wrk" if bodies else "python asyncio (httpx)"}), flush=True)
     env = {**os.environ}
     dl = [sys.executable, "-m", "driftloop"]
     tag = args.model
@@ -180,7 +208,7 @@ def main() -> None:
                 for name, extra in variants:
                     url = urls[name]
                     before = batch_totals(url) if extra is not None else None
-                    r = load(url, texts, c, args.duration)
+                    r = load(url, texts, c, args.duration, bodies)
                     if before is not None:
                         after = batch_totals(url)
                         calls = after[1] - before[1]

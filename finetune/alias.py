@@ -10,11 +10,12 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import asdict, dataclass
 
-from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text, insert, select, update
+from sqlalchemy import Column, Integer, MetaData, String, Table, Text, insert, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 
 from finetune.errors import DriftloopError
-from finetune.statedb import get_engine
+from finetune.statedb import UTCDateTime, create_tables, get_engine
 
 PRODUCTION = "production"
 
@@ -25,7 +26,7 @@ model_alias = Table(
     Column("alias", String(64), primary_key=True),
     Column("tag", String(255), nullable=False),
     Column("previous_tag", String(255)),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
     Column("version", Integer, nullable=False),  # bumps on every change: cheap polling for the service
 )
 
@@ -38,7 +39,7 @@ alias_history = Table(
     Column("previous_tag", String(255)),
     Column("reason", Text),
     Column("actor", String(64)),
-    Column("at", DateTime(timezone=True), nullable=False),
+    Column("at", UTCDateTime(), nullable=False),
 )
 
 
@@ -62,7 +63,7 @@ def _now() -> dt.datetime:
 
 def ensure_schema(engine: Engine | None = None) -> Engine:
     engine = engine or get_engine()
-    metadata.create_all(engine)
+    create_tables(metadata, engine)
     return engine
 
 
@@ -79,28 +80,59 @@ def current(alias: str = PRODUCTION, engine: Engine | None = None) -> AliasState
     return AliasState(row["alias"], row["tag"], row["previous_tag"], updated, row["version"])
 
 
-def _move(conn, alias: str, tag: str, previous_tag: str | None, action: str, reason: str | None, actor: str) -> None:
+def _move(conn, pointer, alias: str, tag: str, previous_tag: str | None, action: str, reason: str | None, actor: str) -> None:
+    """Record the move and set the pointer; `pointer` is its row as read under the lock (None: first move)."""
     now = _now()
     conn.execute(insert(alias_history).values(alias=alias, action=action, tag=tag, previous_tag=previous_tag,
                                               reason=reason, actor=actor, at=now))
-    existing = conn.execute(select(model_alias.c.version).where(model_alias.c.alias == alias)).first()
-    if existing is None:
+    if pointer is None:
         conn.execute(insert(model_alias).values(alias=alias, tag=tag, previous_tag=previous_tag, updated_at=now, version=1))
     else:
         conn.execute(update(model_alias).where(model_alias.c.alias == alias)
-                     .values(tag=tag, previous_tag=previous_tag, updated_at=now, version=existing.version + 1))
+                     .values(tag=tag, previous_tag=previous_tag, updated_at=now, version=pointer["version"] + 1))
+
+
+class _Retry(Exception):
+    """The pointer row appeared while this transaction was starting: start again and lock it."""
+
+
+def _locked(engine: Engine, alias: str, change):
+    """Run `change(conn, pointer)` in one transaction that holds the alias's write lock, with the
+    pointer row as read under that lock (None before the first promotion).
+
+    Read-then-write must not interleave between two writers (two controllers, a controller and the
+    CLI): the transaction starts with a no-op UPDATE of the pointer row, which takes Postgres's row
+    lock and SQLite's write lock before anything is read. The very first promotion has no row to
+    lock: if a row shows up anyway (another writer just committed it) the transaction starts over,
+    and two first promotions racing collide on the primary key, the loser starting over too.
+    """
+    for attempt in range(5):
+        try:
+            with engine.begin() as conn:
+                locked = conn.execute(update(model_alias).where(model_alias.c.alias == alias)
+                                      .values(version=model_alias.c.version)).rowcount == 1
+                pointer = conn.execute(select(model_alias).where(model_alias.c.alias == alias)).mappings().first()
+                if pointer is not None and not locked:
+                    raise _Retry
+                return change(conn, pointer)
+        except (IntegrityError, _Retry):
+            if attempt == 4:
+                raise
+    raise AssertionError("unreachable")
 
 
 def promote(tag: str, alias: str = PRODUCTION, reason: str | None = None, actor: str = "user",
             engine: Engine | None = None) -> AliasState:
     """Point the alias at `tag` (the caller checks that the model exists and loads)."""
     engine = ensure_schema(engine)
-    with engine.begin() as conn:
-        row = conn.execute(select(model_alias.c.tag).where(model_alias.c.alias == alias)).first()
-        previous = row.tag if row else None
+
+    def change(conn, pointer) -> None:
+        previous = pointer["tag"] if pointer else None
         if previous == tag:
             raise DriftloopError(f"{tag} is already the {alias} model")
-        _move(conn, alias, tag, previous, "promote", reason, actor)
+        _move(conn, pointer, alias, tag, previous, "promote", reason, actor)
+
+    _locked(engine, alias, change)
     return current(alias, engine)
 
 
@@ -111,8 +143,8 @@ def rollback(alias: str = PRODUCTION, to: str | None = None, reason: str | None 
     Rollbacks stack: rolling back twice returns to the model before the one before.
     """
     engine = ensure_schema(engine)
-    with engine.begin() as conn:
-        row = conn.execute(select(model_alias).where(model_alias.c.alias == alias)).mappings().first()
+
+    def change(conn, row) -> None:
         if row is None:
             raise DriftloopError(f"nothing to roll back: no {alias} model has been promoted")
         target = to or row["previous_tag"]
@@ -127,7 +159,9 @@ def rollback(alias: str = PRODUCTION, to: str | None = None, reason: str | None 
         below = last.previous_tag if last else None
         if below == row["tag"]:
             below = None
-        _move(conn, alias, target, below, "rollback", reason or f"rolled back from {row['tag']}", actor)
+        _move(conn, row, alias, target, below, "rollback", reason or f"rolled back from {row['tag']}", actor)
+
+    _locked(engine, alias, change)
     return current(alias, engine)
 
 

@@ -7,8 +7,10 @@ the forgetting (Wortsman et al., 2022, "Robust fine-tuning of zero-shot models")
 SST-2 → financial news (docs/benchmarks.md): α = 1 gained 30.8 points on finance and lost 2.6 on
 SST-2 test; α = 0.5 gained 29.7 and lost nothing (+0.7).
 
-α is picked on the refinement's own validation split (fresh labels and replayed rows together),
-ties going to the smaller α (closer to the champion): no data the gate uses is looked at.
+α is fixed (0.5 by default, the paper's recommendation) or picked among candidates on the
+refinement's own validation split, ties going to the smaller α (closer to the champion); no data the
+gate uses is looked at. Picking on that split favours α = 1 (the split holds fresh labels and
+*training-split* rows of the old domain, where forgetting barely shows), so the loop's default is fixed.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def _accuracy(model: torch.nn.Module, tokenizer, label_names: list[str], split: 
 
 def average_with_start(model: torch.nn.Module, start_state: dict[str, torch.Tensor], tokenizer, label_names: list[str],
                        val: Split, alphas: list[float], max_length: int = 128) -> AveragingResult:
-    """Pick α by validation accuracy (ties → smaller α) and leave `model` holding θ(α)."""
+    """Pick α by validation accuracy (ties → smaller α; one candidate: that α) and leave `model` holding θ(α)."""
     end = {k: v.detach().clone() for k, v in model.state_dict().items()}
     scores: dict[float, float] = {}
     was_training = model.training

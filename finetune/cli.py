@@ -242,12 +242,22 @@ def models_show(
 def models_promote(
     tag: str = typer.Argument(..., help="Model tag to serve."),
     reason: Optional[str] = typer.Option(None),
+    force: bool = typer.Option(False, "--force", help="Skip the load check (the service still refuses a model it cannot load)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Point the production alias at a registered model (the service hot-swaps to it)."""
+    """Point the production alias at a registered model (the service hot-swaps to it).
+
+    The model is loaded on CPU and run once first: one that does not load is refused and the alias
+    stays where it was.
+    """
     from finetune import alias, registry  # noqa: PLC0415
 
     model = registry.get(tag)  # must exist and be a driftloop model
+    if not force:
+        try:
+            registry.load_verified(model.tag, device="cpu")
+        except DriftloopError as err:
+            raise DriftloopError(f"{err}; not promoted, production unchanged") from None
     state = alias.promote(model.tag, reason=reason or "manual promotion", actor="cli")
     if as_json:
         emit_json(state.to_json())

@@ -127,6 +127,31 @@ def load_predictor(tag: str, device: str = "auto", precision: str = "auto"):
                      max_length=lin.get("max_length", 128), device=pick_device(device), precision=precision)
 
 
+CHECK_TEXTS = ["a short sentence to check that the model loads and answers.", "check " * 40]
+
+
+def load_verified(tag: str, device: str = "auto", precision: str = "auto"):
+    """Load a model and run one forward pass; a model that cannot serve raises one-line DriftloopError.
+
+    Promotion and the refinement gate call this so a corrupt challenger (truncated or garbled
+    weights, a missing tokenizer, NaN parameters) is refused *before* the production alias moves;
+    the service would refuse it too, but only after the alias pointed at it.
+    """
+    import numpy as np  # noqa: PLC0415
+
+    try:
+        predictor = load_predictor(tag, device=device, precision=precision)
+        probs = np.asarray(predictor.predict(CHECK_TEXTS).probs)
+        if probs.shape[0] != len(CHECK_TEXTS) or not np.isfinite(probs).all():
+            raise ValueError("the check forward pass produced non-finite probabilities")
+    except DriftloopError:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever the loader raises, the answer is "does not load"
+        detail = (str(err).strip().splitlines() or [""])[0][:300]
+        raise DriftloopError(f"model {tag} does not load ({type(err).__name__}: {detail})") from None
+    return predictor
+
+
 def export(tag: str, target: Path) -> Path:
     """Copy a model's directory out of the store (e.g. to start a refinement from it)."""
     model = get(tag)

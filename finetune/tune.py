@@ -17,12 +17,12 @@ import time
 import uuid
 from typing import Any
 
-from sqlalchemy import Column, DateTime, Float, Integer, MetaData, String, Table, Text, insert
+from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text, insert
 
 from finetune.config import TrainConfig, apply_overrides, build_config
 from finetune.errors import DriftloopError
 from finetune.pipeline import build_lineage, evaluate, load_data, register_fitted
-from finetune.statedb import get_engine
+from finetune.statedb import UTCDateTime, create_tables, get_engine
 from finetune.training import fit
 
 metadata = MetaData()
@@ -38,7 +38,7 @@ tune_trials = Table(
     Column("status", String(16), nullable=False),
     Column("error", Text),
     Column("seconds", Float),
-    Column("at", DateTime(timezone=True), nullable=False),
+    Column("at", UTCDateTime(), nullable=False),
 )
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int")
@@ -94,7 +94,7 @@ def tune(config: TrainConfig, space: dict[str, Any], *, method: str = "random", 
     base = config.model_dump(mode="json")
     configs = [build_config(apply_overrides(base, params)) for params in params_list]  # validate all up front
     engine = get_engine()
-    metadata.create_all(engine)
+    create_tables(metadata, engine)
     study = uuid.uuid4().hex[:12]
     started = time.perf_counter()
     data = load_data(config)

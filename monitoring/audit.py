@@ -10,15 +10,17 @@ from __future__ import annotations
 import datetime as dt
 import json
 
-from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text, func, insert, select
+from sqlalchemy import Column, Integer, MetaData, String, Table, Text, func, insert, select
 from sqlalchemy.engine import Engine
+
+from finetune.statedb import UTCDateTime, create_tables
 
 metadata = MetaData()
 
 events = Table(
     "loop_events", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("at", DateTime(timezone=True), nullable=False, index=True),
+    Column("at", UTCDateTime(), nullable=False, index=True),
     Column("kind", String(64), nullable=False, index=True),
     Column("model_version", String(255)),
     Column("details", Text, nullable=False),
@@ -28,7 +30,7 @@ KINDS = ("policy", "retrain_started", "retrain_succeeded", "retrain_failed", "ga
 
 
 def ensure_schema(engine: Engine) -> None:
-    metadata.create_all(engine)
+    create_tables(metadata, engine)
 
 
 def record(engine: Engine, kind: str, model_version: str | None = None, **details) -> int:

@@ -281,7 +281,11 @@ def replay_command(
     seed: int = typer.Option(0),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Send real labelled traffic to a running service, and late feedback for part of it."""
+    """Send real labelled traffic to a running service, and late feedback for part of it.
+
+    The feedback goes with this home's feedback token (DRIFTLOOP_FEEDBACK_TOKEN, else
+    $DRIFTLOOP_HOME/secrets/feedback.token): for a service elsewhere, set the variable to its token.
+    """
     import random  # noqa: PLC0415
 
     import httpx  # noqa: PLC0415
@@ -307,6 +311,9 @@ def replay_command(
                    f"feedback {s['feedback_posted']}; versions {s['versions']}")
     if stats.errors:
         raise DriftloopError(f"{stats.errors} of {stats.sent} requests failed")
+    if stats.feedback_denied:
+        raise DriftloopError(f"the service refused the feedback token for {stats.feedback_denied} labels (401/403): set "
+                             "DRIFTLOOP_FEEDBACK_TOKEN to the service's feedback token")
 
 
 def demo_command(

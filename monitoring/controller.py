@@ -5,6 +5,11 @@ its schedule; misfires coalesce into one run and a job never overlaps itself. It
 `/metrics` (the monitor's gauges, refreshed from the newest stored pass at every scrape, whoever ran
 it), `/status`, `/healthz`, and the reports: `/reports/latest` (stable URL for the dashboards) and
 `/reports/monitor-<run id>.html`.
+
+Several controllers may run on one state DB (a standby for availability): every one serves HTTP,
+but only the holder of the leader lease (monitoring/lease.py) runs the scheduler. A standby starts
+its scheduler when it is elected (the leader died or stopped); a leader that loses the lease stops
+its scheduler and any running refinement.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from finetune.home import state_db_url
 from finetune.statedb import get_engine
-from monitoring import exporter, runner, store
+from monitoring import audit, exporter, runner, store
+from monitoring.lease import Lease, LeaderElector, LeaseSettings
+from monitoring.lease import current as current_lease
 from monitoring.config import MonitorConfig
 from monitoring.policy import PolicyConfig
 from monitoring.refine import RefineConfig
@@ -38,6 +45,17 @@ class ControllerSettings(BaseModel):
     monitor: MonitorConfig = MonitorConfig()
     policy: PolicyConfig = PolicyConfig()
     refine: RefineConfig = RefineConfig()
+    lease: LeaseSettings = Field(default_factory=LeaseSettings)
+
+
+# This process's role once `run()` starts. A monitor pass that was already running when the lease
+# was lost (or could not be renewed in time) still stores its pass, but does not act on it: no
+# refinement from a demoted leader.
+_leadership: "Leadership | None" = None
+
+
+def _leading() -> bool:
+    return _leadership is None or _leadership.is_leader
 
 
 def monitor_job(monitor: dict, policy: dict | None = None, refine: dict | None = None) -> None:
@@ -47,9 +65,12 @@ def monitor_job(monitor: dict, policy: dict | None = None, refine: dict | None =
     from monitoring import loop  # noqa: PLC0415
 
     engine = get_engine()
+    exporter.MONITOR_JOBS.inc()
     try:
         stored = runner.monitor_once(engine, MonitorConfig.model_validate(monitor))
-        if policy is not None:
+        if policy is not None and not _leading():
+            log.warning("not the leader any more: monitor pass %s stored, policy not applied", stored.to_json().get("run_id"))
+        elif policy is not None:
             latest = stored.to_json()
             loop.after_pass(engine, latest, PolicyConfig.model_validate(policy), RefineConfig.model_validate(refine or {}))
     except DriftloopError as err:
@@ -90,8 +111,84 @@ class MetricsRefresher:
             exporter.publish(latest, ts, consecutive)
 
 
-def build_app(engine, refresher: MetricsRefresher, scheduler=None):
-    """The controller's HTTP app (Starlette: already installed with BentoML)."""
+class Leadership:
+    """This controller's role. The leader runs the scheduler (built fresh at each election: APScheduler
+    cannot restart a scheduler it shut down); a standby only serves HTTP until it is elected."""
+
+    def __init__(self, engine, settings: ControllerSettings, holder: str | None = None):
+        self.engine = engine
+        self.settings = settings
+        self.scheduler = None
+        self._lock = threading.Lock()
+        self.elector = LeaderElector(engine, settings.lease, holder=holder, on_elected=self._elected, on_demoted=self._demoted)
+
+    @property
+    def holder(self) -> str:
+        return self.elector.holder
+
+    @property
+    def is_leader(self) -> bool:
+        return self.elector.is_leader
+
+    def _elected(self, held: Lease) -> None:
+        from monitoring import loop  # noqa: PLC0415
+
+        with self._lock:
+            exporter.LEADER.set(1)
+            exporter.LEADER_CHANGES.labels(event="elected").inc()
+            try:  # a refinement the previous leader left behind (it died) is recorded as failed
+                loop.recover_interrupted(self.engine)
+            except Exception:  # noqa: BLE001 - recovery is best effort; the jobs must still run
+                log.exception("recovering interrupted jobs failed")
+            scheduler = build_scheduler(self.settings)
+            scheduler.start()
+            self.scheduler = scheduler
+            log.info("leader (%s, fencing token %s): scheduler started", self.holder, held.fencing)
+
+    def _demoted(self, reason: str) -> None:
+        from monitoring import loop  # noqa: PLC0415
+
+        with self._lock:
+            exporter.LEADER.set(0)
+            exporter.LEADER_CHANGES.labels(event="demoted").inc()
+            scheduler, self.scheduler = self.scheduler, None
+            if scheduler is not None:
+                scheduler.shutdown(wait=True)  # lets a running monitor pass finish (it will not act on it)
+            # a refinement started just before the demotion may still be spawning its process: stop it too
+            deadline = time.monotonic() + 60
+            loop.stop_refine()
+            while loop.refine_running() and time.monotonic() < deadline:
+                time.sleep(0.2)
+                loop.stop_refine()
+            log.info("standby (%s): scheduler stopped (%s)", self.holder, reason)
+
+    def start(self) -> "Leadership":
+        self.elector.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the scheduler and any refinement, then release the lease (a standby takes over at once)."""
+        self.elector.stop(release_lease=True)
+
+    def jobs(self) -> list[dict]:
+        scheduler = self.scheduler
+        if scheduler is None:
+            return []
+        return [{"id": j.id, "next_run_time": j.next_run_time.isoformat() if j.next_run_time else None} for j in scheduler.get_jobs()]
+
+    def status(self) -> dict:
+        try:
+            held = current_lease(self.engine, self.settings.lease.name)
+        except Exception as err:  # noqa: BLE001 - status must answer while the DB is away
+            held = {"error": str(err).splitlines()[0]}
+        return {"leader": self.is_leader, "holder": self.holder, "lease": held}
+
+
+def build_app(engine, refresher: MetricsRefresher, leadership: Leadership | None = None, refine: RefineConfig | None = None,
+              admin_token: str | None = None):
+    """The controller's HTTP app (Starlette: already installed with BentoML), with the admin routes
+    (monitoring/admin_api.py: retrain, promote, rollback behind the admin token)."""
+    from monitoring.admin_api import admin_routes  # noqa: PLC0415
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest  # noqa: PLC0415
     from starlette.applications import Starlette  # noqa: PLC0415
     from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response  # noqa: PLC0415
@@ -109,14 +206,13 @@ def build_app(engine, refresher: MetricsRefresher, scheduler=None):
 
     async def status(_request):
         latest = store.latest(engine)
-        jobs = []
-        if scheduler is not None:
-            jobs = [{"id": j.id, "next_run_time": j.next_run_time.isoformat() if j.next_run_time else None} for j in scheduler.get_jobs()]
         from finetune import alias  # noqa: PLC0415
-        from monitoring import audit, loop  # noqa: PLC0415
+        from monitoring import loop  # noqa: PLC0415
 
         prod = alias.current(engine=engine)
-        return JSONResponse({"champion": prod.tag if prod else None, "last_monitor_pass": latest, "jobs": jobs,
+        role = leadership.status() if leadership is not None else {"leader": None, "holder": None, "lease": None}
+        return JSONResponse({**role, "champion": prod.tag if prod else None, "last_monitor_pass": latest,
+                             "jobs": leadership.jobs() if leadership is not None else [],
                              "refine_running": loop.refine_running(), "recent_events": audit.history(engine, limit=10)})
 
     def _report(path):
@@ -141,6 +237,8 @@ def build_app(engine, refresher: MetricsRefresher, scheduler=None):
     return Starlette(routes=[
         Route("/metrics", metrics), Route("/healthz", healthz), Route("/status", status),
         Route("/reports/latest", latest_report), Route("/reports/{name}", report),
+        *admin_routes(engine, refine=refine, token=admin_token,
+                      is_leader=(lambda: leadership.is_leader) if leadership is not None else None),
     ])
 
 
@@ -163,18 +261,24 @@ def build_scheduler(settings: ControllerSettings):
 
 
 def run(settings: ControllerSettings) -> None:
-    """Run the scheduler and the HTTP server until SIGINT/SIGTERM, then shut both down cleanly."""
+    """Serve HTTP until SIGINT/SIGTERM, running the scheduler while this controller holds the leader
+    lease; then shut down cleanly (scheduler, refinement, lease released for a standby)."""
     import uvicorn  # noqa: PLC0415
 
     engine = get_engine()
     store.ensure_schema(engine)
-    scheduler = build_scheduler(settings)
+    audit.ensure_schema(engine)
     refresher = MetricsRefresher(engine)
     exporter.UP_SINCE.set(time.time())
-    app = build_app(engine, refresher, scheduler)
-    scheduler.start()
-    log.info("controller: state DB %s, monitor every %ss, http://%s:%s", state_db_url(), settings.monitor_interval_s,
+    global _leadership
+    leadership = _leadership = Leadership(engine, settings)
+    app = build_app(engine, refresher, leadership, refine=settings.refine)
+    log.info("controller %s: state DB %s, monitor every %ss, lease %r ttl %ss, http://%s:%s", leadership.holder,
+             _safe_url(state_db_url()), settings.monitor_interval_s, settings.lease.name, settings.lease.ttl_s,
              settings.host, settings.port)
+    leadership.start()
+    if not leadership.is_leader:
+        log.info("standby: another controller holds the lease; serving HTTP and waiting to be elected")
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal against the handlers it
     # found: make those no-ops so control comes back here and the scheduler stops cleanly (exit 0).
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -182,8 +286,15 @@ def run(settings: ControllerSettings) -> None:
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     finally:
-        from monitoring import loop  # noqa: PLC0415
-
-        loop.stop_refine()
-        scheduler.shutdown(wait=True)
+        leadership.stop()
         log.info("controller stopped")
+
+
+def _safe_url(url: str) -> str:
+    """The state DB URL without its password, for logs."""
+    from sqlalchemy.engine import make_url  # noqa: PLC0415
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001
+        return "<unparseable URL>"

@@ -1,8 +1,10 @@
 """The controller's Prometheus metrics: every monitor pass, as numbers operators can alert on.
 
 Names follow Prometheus conventions: a `driftloop_monitor_` prefix, base units (`_seconds`, `_ratio`
-for 0-1 values), `_total` for counters. The controller is one process, so this is a plain registry
-(no multiprocess mode) served on its own `/metrics`.
+for 0-1 values), `_total` for counters. Each controller is one process, so this is a plain registry
+(no multiprocess mode) served on its own `/metrics`. Several controllers may share one state DB: the
+monitor gauges are read from the DB (the same on each); `driftloop_controller_leader` says which
+one holds the leader lease and runs the jobs.
 """
 
 from __future__ import annotations
@@ -40,12 +42,21 @@ PASSES = Counter("driftloop_monitor_passes_total", "Monitor passes by outcome (o
 RETRAINS = Counter("driftloop_controller_retrains", "Refinement fine-tunes by outcome (started, succeeded, failed)", ["outcome"], registry=REGISTRY)
 PROMOTIONS = Counter("driftloop_controller_promotions", "Challengers promoted to production by the controller", registry=REGISTRY)
 ROLLBACKS = Counter("driftloop_controller_rollbacks", "Automatic rollbacks of a new champion", registry=REGISTRY)
+LEADER = Gauge("driftloop_controller_leader", "1 if this controller holds the leader lease (runs the scheduled jobs), 0 on a standby",
+               registry=REGISTRY)
+LEADER_CHANGES = Counter("driftloop_controller_leader_changes", "Times this controller became (elected) or stopped being (demoted) the leader",
+                         ["event"], registry=REGISTRY)
+MONITOR_JOBS = Counter("driftloop_controller_monitor_jobs", "Scheduled monitor passes this controller's scheduler ran (only a leader runs them)",
+                       registry=REGISTRY)
 UP_SINCE = Gauge("driftloop_controller_start_time_seconds", "Unix time the controller started", registry=REGISTRY)
 
 for _outcome in ("ok", "insufficient", "error"):
     PASSES.labels(outcome=_outcome)
 for _outcome in ("started", "succeeded", "failed"):
     RETRAINS.labels(outcome=_outcome)
+for _event in ("elected", "demoted"):
+    LEADER_CHANGES.labels(event=_event)
+LEADER.set(0)
 
 
 def _set(gauge, value, **labels) -> None:

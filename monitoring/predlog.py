@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 from sqlalchemy import (
-    Boolean, Column, DateTime, Float, Index, Integer, LargeBinary, MetaData, String, Table, Text, select, update,
+    Boolean, Column, Float, Index, Integer, LargeBinary, MetaData, String, Table, Text, select, update,
 )
 from sqlalchemy.engine import Engine
 
 from finetune.descriptors import DESCRIPTOR_COLUMNS
+from finetune.statedb import UTCDateTime, create_tables
 
 metadata = MetaData()
 
@@ -27,7 +28,7 @@ predictions = Table(
     "predictions", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("request_id", String(32), nullable=False, unique=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
     Column("model_version", String(255), nullable=False),
     Column("text", Text),  # NULL when the service stores hashes only
     Column("text_sha256", String(64), nullable=False),
@@ -38,14 +39,14 @@ predictions = Table(
     Column("truncated", Boolean, nullable=False),
     Column("embedding", LargeBinary),  # float32 bytes of the pooled embedding
     Column("feedback_label", String(255)),
-    Column("feedback_at", DateTime(timezone=True)),
+    Column("feedback_at", UTCDateTime()),
     Index("ix_predictions_model_created", "model_version", "created_at"),
     Index("ix_predictions_created", "created_at"),
 )
 
 
 def ensure_schema(engine: Engine) -> None:
-    metadata.create_all(engine)
+    create_tables(metadata, engine)
 
 
 def text_hash(text: str) -> str:

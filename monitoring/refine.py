@@ -6,7 +6,9 @@
 2. Replay: a sample of the champion's own training split (`replay_ratio` rows per fresh training row)
    so the challenger does not forget; optionally self-training rows (confident unlabelled traffic).
 3. Fine-tune **from the champion's weights** (not the base model): short schedule, lower learning
-   rate, early stopping; registered with its lineage (parent, trigger, data window, monitor runs).
+   rate, early stopping; then average the weights with the champion's (WiSE-FT, finetune/averaging.py:
+   α picked on the refinement's own validation split), which keeps the gain and most of what the
+   champion knew; registered with its lineage (parent, trigger, data window, monitor runs, α).
 4. Gate (monitoring/gate.py) on the gate set (fresh, never trained on) and on the frozen regression
    set (the champion's validation rows): promote only on a significant gain that forgets ≤ epsilon.
 
@@ -21,6 +23,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,6 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from finetune import alias, profile, registry
+from finetune.averaging import average_with_start
 from finetune.config import TrainConfig, apply_overrides
 from finetune.errors import DriftloopError
 from monitoring import audit, predlog
@@ -52,6 +56,13 @@ class RefineConfig(BaseModel):
     early_stopping_patience: int = Field(1, ge=0)
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     seed: int = 42
+    weight_averaging: bool = Field(True, description=(
+        "Average the refined weights with the champion's (WiSE-FT): keeps the gain on the new domain "
+        "without forgetting the old one (docs/benchmarks.md)."))
+    averaging_alphas: list[Annotated[float, Field(ge=0, le=1)]] = Field([0.5], min_length=1, description=(
+        "alpha of the average (0 = the champion, 1 = the refined model); several = pick one on the refinement's "
+        "validation split. Fixed 0.5 by default: that split (fresh labels + replayed training-split rows) "
+        "cannot see forgetting on the old domain's unseen data, and picking on it chose 1.0 in a measured run."))
     promote: bool = Field(True, description="Promote when the gate passes (False: register and gate only).")
     gate: GateConfig = GateConfig()
 
@@ -164,12 +175,19 @@ def run(engine: Engine, config: RefineConfig, *, trigger: str = "manual", since_
                  fresh_train=len(fresh_train), gate=len(gate_rows), replay=len(replay), self_training=len(pseudo))
     data = load_data(cfg, label_names=label_names)
     fitted = fit(cfg, data, init_from=str(champion.path), quiet=quiet, progress=not quiet)
+    averaging = None
+    if config.weight_averaging:
+        start_state = registry.load_predictor(champion.tag, device="cpu").model.state_dict()
+        averaging = average_with_start(fitted.model, start_state, fitted.tokenizer, label_names, data.val,
+                                       config.averaging_alphas, max_length=cfg.model.max_length).to_json()
+        log.info("weight averaging with the champion: alpha %s (validation accuracy by alpha %s)",
+                 averaging["alpha"], averaging["val_accuracy_by_alpha"])
     ev = evaluate(cfg, fitted, data)
     refinement = {
         "trigger": trigger, "parent": champion.tag, "since_id": since_id, "monitor_runs": monitor_runs or [],
         "fresh_labels": len(fresh), "fresh_train": len(fresh_train), "gate_items": len(gate_rows),
         "fresh_log_ids": [fresh[0][0], fresh[-1][0]], "replay_rows": len(replay), "self_training_rows": len(pseudo),
-        "refine_config": config.model_dump(mode="json"),
+        "refine_config": config.model_dump(mode="json"), "weight_averaging": averaging,
     }
     lineage = build_lineage(cfg, fitted, data, ev, champion.tag, started, extra={"refinement": refinement})
     outcome = register_fitted(cfg, fitted, data, ev, lineage)
@@ -177,7 +195,7 @@ def run(engine: Engine, config: RefineConfig, *, trigger: str = "manual", since_
 
     # gate: same items for both models
     champ_pred = registry.load_predictor(champion.tag)
-    chall_pred = registry.load_predictor(challenger_tag)
+    chall_pred = registry.load_verified(challenger_tag)  # a challenger that does not load fails the refinement here
     g_texts, g_labels = [t for _, t, _ in gate_rows], [y for _, _, y in gate_rows]
     reg_frame, _ = profile.load(champion.path)
     r_texts, r_labels = reg_frame["text"].tolist(), reg_frame["label"].tolist()

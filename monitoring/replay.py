@@ -2,7 +2,8 @@
 
 Sends single-text requests at a given rate (bounded by count and concurrency), then, after a delay,
 posts the true label for a given fraction of them: how users, the demo and the benchmarks simulate
-production.
+production. /feedback needs the feedback token: it is sent from this home (DRIFTLOOP_FEEDBACK_TOKEN
+or $DRIFTLOOP_HOME/secrets/feedback.token) unless `headers` carry an Authorization of their own.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class ReplayStats:
     errors: int = 0
     feedback_posted: int = 0
     feedback_errors: int = 0
+    feedback_denied: int = 0  # of the errors: refused for the token (401/403)
     versions: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     correct: int = 0
@@ -36,7 +38,19 @@ class ReplayStats:
 async def replay_async(url: str, rows: list[tuple[str, str]], *, rate: float | None = None, concurrency: int = 8,
                        feedback_fraction: float = 0.0, feedback_delay_s: float = 0.0, seed: int = 0,
                        timeout_s: float = 120.0, headers: dict | None = None) -> ReplayStats:
-    """Predict every row (text, label); `rate` caps requests per second overall (None: as fast as allowed)."""
+    """Predict every row (text, label); `rate` caps requests per second overall (None: as fast as allowed).
+
+    `headers` go with every request; without an Authorization among them, /feedback gets this
+    home's feedback token (read when the feedback is posted, so a service that generated it at
+    startup is found) and /predict this home's predict token when there is one.
+    """
+    from finetune import tokens  # noqa: PLC0415
+
+    explicit_auth = any(k.lower() == "authorization" for k in (headers or {}))
+
+    def auth(kind: tokens.Kind) -> dict[str, str]:
+        return {} if explicit_auth else tokens.authorization_header(kind)
+
     stats = ReplayStats()
     rng = random.Random(seed)
     started = time.perf_counter()
@@ -44,6 +58,7 @@ async def replay_async(url: str, rows: list[tuple[str, str]], *, rate: float | N
     next_index = 0
     interval = 1.0 / rate if rate else 0.0
 
+    predict_auth = auth("predict")
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s, headers=headers or {}) as client:
         async def worker() -> None:
             nonlocal next_index
@@ -57,7 +72,7 @@ async def replay_async(url: str, rows: list[tuple[str, str]], *, rate: float | N
                 text, label = rows[i]
                 stats.sent += 1
                 try:
-                    r = await client.post("/predict", json={"texts": [text]})
+                    r = await client.post("/predict", json={"texts": [text]}, headers=predict_auth)
                 except httpx.HTTPError:
                     stats.errors += 1
                     continue
@@ -76,11 +91,15 @@ async def replay_async(url: str, rows: list[tuple[str, str]], *, rate: float | N
         if chosen:
             if feedback_delay_s:
                 await asyncio.sleep(feedback_delay_s)
+            feedback_auth = auth("feedback")
             for s in range(0, len(chosen), 500):
                 part = chosen[s:s + 500]
                 try:
-                    r = await client.post("/feedback", json={"items": [{"request_id": rid, "label": y} for rid, y in part]})
+                    r = await client.post("/feedback", json={"items": [{"request_id": rid, "label": y} for rid, y in part]},
+                                          headers=feedback_auth)
                     ok = r.status_code == 200
+                    if r.status_code in (401, 403):
+                        stats.feedback_denied += len(part)
                 except httpx.HTTPError:
                     ok = False
                 if ok:

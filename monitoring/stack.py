@@ -1,7 +1,8 @@
 """What `driftloop up` runs: the service, the controller and (when installed) a local Prometheus.
 
 Each is a child process in its own process group; Ctrl-C or SIGTERM stops them all, service last,
-so no acknowledged prediction is cut off.
+so no acknowledged prediction is cut off. Before starting them it makes sure the bearer tokens
+exist (finetune/tokens.py): a token generated now is printed once; later starts print its path.
 """
 
 from __future__ import annotations
@@ -33,8 +34,33 @@ def prometheus_config(service: str, controller: str, scrape_interval: str = "15s
     return config
 
 
+def ensure_tokens(say: Callable[[str], None]) -> None:
+    """Generate the missing tokens into the home (0600) and show each new one once, never again."""
+    from pydantic import TypeAdapter, ValidationError  # noqa: PLC0415
+
+    from finetune import tokens  # noqa: PLC0415
+    from finetune.errors import DriftloopError  # noqa: PLC0415
+
+    kinds: list[tokens.Kind] = ["feedback", "admin"]
+    raw = os.environ.get("DRIFTLOOP_SERVICE_REQUIRE_PREDICT_TOKEN", "false")  # the service's setting, parsed as it parses it
+    try:
+        if TypeAdapter(bool).validate_python(raw):
+            kinds.append("predict")
+    except ValidationError:
+        raise DriftloopError(f"invalid DRIFTLOOP_SERVICE_REQUIRE_PREDICT_TOKEN: {raw!r} is not a boolean") from None
+    for kind in kinds:
+        if tokens.ensure(kind):
+            say(f"{kind} token: {tokens.get(kind)}   (generated; shown only now, kept in {tokens.token_path(kind)})")
+        elif os.environ.get(tokens.env_var(kind), "").strip():
+            say(f"{kind} token: from ${tokens.env_var(kind)}")
+        else:
+            say(f"{kind} token: in {tokens.token_path(kind)}")
+    tokens.require(kinds)  # well-formed and distinct, before anything starts
+
+
 def run(home: Path, *, port: int, controller_port: int, prometheus_port: int, with_prometheus: bool,
         say: Callable[[str], None]) -> None:
+    ensure_tokens(say)
     env = dict(os.environ)
     procs: list[tuple[str, Proc]] = []
     stop = {"now": False}
@@ -50,7 +76,8 @@ def run(home: Path, *, port: int, controller_port: int, prometheus_port: int, wi
         controller = Proc(["controller", "--port", str(controller_port)], env, home / "controller.log")
         procs.append(("controller", controller))
         controller.wait_http(f"http://127.0.0.1:{controller_port}/healthz")
-        say(f"service:    http://127.0.0.1:{port}   (POST /predict, /feedback, /explain; GET /metrics)   log {home / 'service.log'}")
+        say(f"service:    http://127.0.0.1:{port}   (POST /predict, /explain; /feedback with the feedback token; GET /metrics)   "
+            f"log {home / 'service.log'}")
         say(f"controller: http://127.0.0.1:{controller_port}   (/status, /metrics, /reports/latest)   log {home / 'controller.log'}")
         binary = shutil.which("prometheus")
         if with_prometheus and binary:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 
-from sqlalchemy import Boolean, Column, DateTime, Float, Integer, MetaData, String, Table, Text, insert, select
+from sqlalchemy import Boolean, Column, Float, Integer, MetaData, String, Table, Text, insert, select
 from sqlalchemy.engine import Engine
 
+from finetune.statedb import UTCDateTime, create_tables
 from monitoring.monitor import PassResult
 
 metadata = MetaData()
@@ -19,15 +20,15 @@ metadata = MetaData()
 monitor_runs = Table(
     "monitor_runs", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("finished_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", UTCDateTime(), nullable=False),
     Column("model_version", String(255), nullable=False, index=True),
     Column("status", String(32), nullable=False),  # ok | insufficient
     Column("drift", Boolean),  # NULL when there was no verdict
     Column("window_size", Integer, nullable=False),
     Column("window_first_id", Integer),
     Column("window_last_id", Integer),
-    Column("window_start", DateTime(timezone=True)),
-    Column("window_end", DateTime(timezone=True)),
+    Column("window_start", UTCDateTime()),
+    Column("window_end", UTCDateTime()),
     Column("labelled", Integer, nullable=False),
     Column("realized_accuracy", Float),
     Column("estimated_accuracy", Float),
@@ -38,7 +39,7 @@ monitor_runs = Table(
 
 
 def ensure_schema(engine: Engine) -> None:
-    metadata.create_all(engine)
+    create_tables(metadata, engine)
 
 
 def _num(value) -> float | None:

@@ -19,16 +19,30 @@ def serve_command(
     workers: Optional[int] = typer.Option(None, help="Worker processes, each with its own model copy."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
     store_text: Optional[bool] = typer.Option(None, "--store-text/--hash-text", help="Log texts, or only their sha256."),
+    require_predict_token: Optional[bool] = typer.Option(
+        None, "--require-predict-token/--open-predict", help="Make /predict and /explain need the predict token too."),
 ) -> None:
-    """Serve the production model over HTTP (BentoML, adaptive batching, durable prediction log)."""
+    """Serve the production model over HTTP (BentoML, adaptive batching, durable prediction log).
+
+    /feedback and /admin/* need bearer tokens (DRIFTLOOP_FEEDBACK_TOKEN, DRIFTLOOP_ADMIN_TOKEN, or the
+    files in $DRIFTLOOP_HOME/secrets, generated here when missing).
+    """
+    from finetune import tokens  # noqa: PLC0415
     from service.settings import PREFIX, ServiceSettings  # noqa: PLC0415
 
-    for key, value in {"workers": workers, "device": device, "store_text": store_text}.items():
+    flags = {"workers": workers, "device": device, "store_text": store_text, "require_predict_token": require_predict_token}
+    for key, value in flags.items():
         if value is not None:
             os.environ[PREFIX + key.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
-    ServiceSettings.from_env()  # fail fast, one line, on a bad setting
+    settings = ServiceSettings.from_env()  # fail fast, one line, on a bad setting
     if not 0 < port < 65536:
         raise DriftloopError(f"--port must be between 1 and 65535, got {port}")
+    kinds: list[tokens.Kind] = ["feedback", "admin"] + (["predict"] if settings.require_predict_token else [])
+    for kind in kinds:  # generated here, once, rather than raced by the workers; the service's output is a log: no secrets in it
+        if tokens.ensure(kind):
+            typer.echo(f"generated the {kind} token into {tokens.token_path(kind)} (0600): "
+                       f"clients send 'Authorization: Bearer <its content>'", err=True)
+    tokens.require(kinds)
     bentoml_bin = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or shutil.which("bentoml")
     if bentoml_bin is None:
         raise DriftloopError("the bentoml command is not installed in this environment")

@@ -4,8 +4,10 @@ startup   load the production model (GPU when present), warm it up, start the al
 /predict  batched by BentoML's adaptive batcher; one forward pass per batch gives labels,
           calibrated scores, pooled embeddings and descriptors; the batch is logged in one
           transaction *before* any of its requests is answered
-/feedback late labels joined to logged predictions
-/model    the serving model's tag and lineage; /admin/reload forces a poll of the alias
+/feedback late labels joined to logged predictions (needs the feedback token)
+/model    the serving model's tag and lineage; /admin/reload forces a poll of the alias (admin token)
+
+Auth, error shape, the OpenAPI document at /docs.json and log redaction: service/guard.py.
 
 Start it with `driftloop serve` or `bentoml serve service.service:Classifier`.
 """
@@ -19,15 +21,16 @@ from http import HTTPStatus
 from typing import Annotated
 
 import bentoml
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from finetune.home import configure_environment
 
 configure_environment()
 
+from finetune import tokens  # noqa: E402
 from finetune.statedb import get_engine  # noqa: E402
 from monitoring import predlog  # noqa: E402
-from service import metrics  # noqa: E402
+from service import guard, metrics  # noqa: E402
 from service.model_holder import ModelHolder  # noqa: E402
 from service.settings import ServiceSettings  # noqa: E402
 
@@ -38,11 +41,33 @@ log = logging.getLogger("driftloop.service")
 def _not_blank(text: str) -> str:
     if not text.strip():
         raise ValueError("text must not be empty or whitespace only")
+    if "\x00" in text:  # PostgreSQL text columns refuse NUL: refuse it for every engine alike
+        raise ValueError("text must not contain NUL characters")
     return text
 
 
-Text = Annotated[str, Field(min_length=1, max_length=SETTINGS.max_chars), AfterValidator(_not_blank)]
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+def _few_words(text: str) -> str:
+    n = len(text.split())
+    if n > SETTINGS.explain_max_words:
+        raise ValueError(f"text has {n} words; explain accepts at most {SETTINGS.explain_max_words}")
+    return text
+
+
+# The validators are the rules; the JSON Schema patterns say the same for clients (and fuzzers):
+# a text has a non-space character; an /explain text has 1..explain_max_words words.
+NOT_BLANK = {"pattern": r"^[^\x00]*[^\s\x00][^\x00]*$"}
+NO_NUL = {"pattern": r"^[^\x00]+$"}
+FEW_WORDS = {"pattern": rf"^\s*[^\s\x00]+(?:\s+[^\s\x00]+){{0,{SETTINGS.explain_max_words - 1}}}\s*$"}
+Text = Annotated[str, Field(min_length=1, max_length=SETTINGS.max_chars, json_schema_extra=NOT_BLANK), AfterValidator(_not_blank)]
 Texts = Annotated[list[Text], Field(min_length=1, max_length=SETTINGS.max_texts_per_request)]
+ExplainText = Annotated[str, Field(min_length=1, max_length=SETTINGS.explain_max_chars, json_schema_extra=FEW_WORDS),
+                        AfterValidator(_not_blank), AfterValidator(_few_words)]
 
 
 class Prediction(BaseModel):
@@ -54,13 +79,53 @@ class Prediction(BaseModel):
     truncated: bool
 
 
+RequestId = Annotated[str, Field(min_length=1, max_length=64, json_schema_extra=NO_NUL), AfterValidator(_no_nul)]
+Label = Annotated[str, Field(min_length=1, max_length=255, json_schema_extra=NO_NUL), AfterValidator(_no_nul)]
+
+
 class FeedbackItem(BaseModel):
-    request_id: Annotated[str, Field(min_length=1, max_length=64)]
-    label: Annotated[str, Field(min_length=1, max_length=255)]
+    request_id: RequestId
+    label: Label
+
+
+class FeedbackRequest(BaseModel):
+    """One label, `{"request_id": ..., "label": ...}`, or many, `{"items": [...]}`; never both, never null."""
+
+    # Said in the schema too, so a schema-valid request is never refused (BentoML keeps a top-level oneOf).
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["request_id", "label"], "not": {"required": ["items"]}},
+        {"required": ["items"], "not": {"anyOf": [{"required": ["request_id"]}, {"required": ["label"]}]}},
+    ]})
+
+    request_id: RequestId | None = None
+    label: Label | None = None
+    items: Annotated[list[FeedbackItem], Field(min_length=1, max_length=1000)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_form(cls, data):
+        if not isinstance(data, dict):
+            return data  # pydantic reports the wrong type
+        nulls = [k for k in ("request_id", "label", "items") if k in data and data[k] is None]
+        if nulls:
+            raise ValueError(f"{', '.join(nulls)} must not be null: leave the field out")
+        single = "request_id" in data or "label" in data
+        if "items" in data and single:
+            raise ValueError("send either request_id and label, or items, not both")
+        if "items" not in data and not ("request_id" in data and "label" in data):
+            raise ValueError('send {"request_id": ..., "label": ...} or {"items": [...]}')
+        return data
 
 
 class ServiceUnavailable(bentoml.exceptions.BentoMLException):
+    """503 with a readable reason: BentoML answers every 5xx with a generic body, so the reason is
+    handed to the guard, which puts it back into the response (service/guard.py)."""
+
     error_code = HTTPStatus.SERVICE_UNAVAILABLE
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        guard.note_unavailable(message)
 
 
 class NotFound(bentoml.exceptions.NotFound):
@@ -85,7 +150,7 @@ class Unprocessable(bentoml.exceptions.BentoMLException):
 class Classifier:
     def __init__(self) -> None:
         self.settings = SETTINGS
-        self.engine = get_engine()
+        self.engine = get_engine(lock_timeout_s=self.settings.db_lock_timeout_s)
         predlog.ensure_schema(self.engine)
         self.models = ModelHolder(self.settings)
         result = self.models.sync()
@@ -140,21 +205,11 @@ class Classifier:
     # ------------------------------------------------------------------ feedback
 
     @bentoml.api(route="/feedback")
-    def feedback(
-        self,
-        request_id: Annotated[str | None, Field(min_length=1, max_length=64)] = None,
-        label: Annotated[str | None, Field(min_length=1, max_length=255)] = None,
-        items: Annotated[list[FeedbackItem] | None, Field(min_length=1, max_length=1000)] = None,
-    ) -> dict:
+    def feedback(self, body: FeedbackRequest, /) -> dict:
         """Late ground truth: {"request_id": ..., "label": ...} or {"items": [{"request_id": ..., "label": ...}, ...]}."""
         from finetune import registry  # noqa: PLC0415
 
-        if items is None:
-            if request_id is None or label is None:
-                raise BadRequest("send {\"request_id\": ..., \"label\": ...} or {\"items\": [...]}")
-            items = [FeedbackItem(request_id=request_id, label=label)]
-        elif request_id is not None or label is not None:
-            raise BadRequest("send either request_id and label, or items, not both")
+        items = body.items or [FeedbackItem(request_id=body.request_id, label=body.label)]
 
         cache: dict[str, list[str]] = {}
 
@@ -187,7 +242,7 @@ class Classifier:
                 "lineage": {k: lin.get(k) for k in ("parent", "base_model", "created_at", "metrics", "data", "training", "versions")}}
 
     @bentoml.api(route="/explain")
-    def explain(self, text: Annotated[str, Field(min_length=1, max_length=SETTINGS.explain_max_chars), AfterValidator(_not_blank)]) -> dict:
+    def explain(self, text: ExplainText) -> dict:
         """Per-word attributions for the predicted label (occlusion); one text, size-limited, not logged."""
         from finetune.explain import occlusion  # noqa: PLC0415
 
@@ -205,6 +260,16 @@ class Classifier:
         """Poll the production alias now (this worker), retrying a previously refused model."""
         return self.models.sync(force=True)
 
+
+# Who may call what (service/guard.py): tokens resolved once per process, generated into the home
+# when neither the environment nor the home has them, so a bare `driftloop serve` is never open.
+AUTH_RULES: dict[str, tokens.Kind] = {"/feedback": "feedback", "/admin/": "admin"}
+if SETTINGS.require_predict_token:
+    AUTH_RULES.update({"/predict": "predict", "/explain": "predict"})
+Classifier.add_asgi_middleware(guard.Guard, rules=AUTH_RULES, secrets=tokens.require(sorted(set(AUTH_RULES.values()))),
+                               spec=lambda: Classifier.openapi_spec.asdict(), json_paths=[a.route for a in Classifier.apis.values()],
+                               extra_responses={"/feedback": {422: "A label the model does not know"}})
+guard.install_log_redaction()
 
 # BentoML 1.4 works out each response's mime type by generating the output model's JSON schema on
 # every response (`IOMixin.mime_type` when `media_type` is unset): py-spy put it at ~9 % of the event

@@ -24,6 +24,9 @@ class ServiceSettings(BaseModel):
     max_chars: int = Field(5000, ge=1, description="Texts longer than this are refused (422).")
     store_text: bool = Field(True, description="False: log a sha256 of each text instead (unusable for retraining).")
     log_predictions: bool = Field(True, description="False only to measure the log's cost (bench/serve.py): nothing is logged.")
+    db_lock_timeout_s: float = Field(2.0, gt=0, le=60, description=(
+        "How long a prediction-log or feedback write waits for a locked state DB before the request is "
+        "answered 503 (nothing served, nothing lost)."))
     reload_interval_s: float = Field(2.0, gt=0, description="How often each worker polls the production alias.")
     max_batch_size: int = Field(64, ge=2, description="Most texts BentoML's adaptive batcher gathers into one call.")
     forward_batch_size: int = Field(0, ge=0, description=(
@@ -33,6 +36,9 @@ class ServiceSettings(BaseModel):
     warmup_texts: int = Field(8, ge=0)
     explain_max_chars: int = Field(1000, ge=1, description="/explain refuses longer texts (422).")
     explain_max_words: int = Field(64, ge=1, description="/explain refuses texts with more words.")
+    require_predict_token: bool = Field(False, description=(
+        "True: /predict and /explain need the predict token (DRIFTLOOP_PREDICT_TOKEN or $DRIFTLOOP_HOME/secrets/predict.token). "
+        "/feedback and /admin/* always need their own tokens."))
 
     def forward_batch_for(self, device_type: str) -> int:
         """The forward batch size to use on a device of this type (`cpu`, `cuda`, ...)."""

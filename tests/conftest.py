@@ -61,11 +61,45 @@ def db_url(tmp_path, monkeypatch) -> str:
     return url
 
 
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL cluster on loopback for the whole session (tests/pg.py), stopped at the end even
+    on failure. Missing server binaries fail the test in CI and skip it elsewhere (`make postgres`)."""
+    from tests.pg import PostgresCluster, find_bin_dir
+
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL server binaries not found: CI must install the Debian package 'postgresql' (make postgres)")
+        pytest.skip("PostgreSQL not installed (make postgres, or apt-get install postgresql)")
+    cluster = PostgresCluster(bin_dir).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def state_db_url(request, tmp_path, monkeypatch) -> str:
+    """A fresh, empty state DB on each engine (SQLite file, or a new database on the session's
+    Postgres), also set as DRIFTLOOP_DB_URL for code that opens the default engine."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'state.db'}"
+    else:
+        url = request.getfixturevalue("postgres_server").create_database()
+    monkeypatch.setenv("DRIFTLOOP_DB_URL", url)
+    yield url
+    from finetune.statedb import dispose_engine
+
+    dispose_engine(url)
+
+
 def run_cli(args: list[str], home: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the real `driftloop` CLI in a subprocess with its own home."""
-    full_env = {**os.environ, "DRIFTLOOP_HOME": str(home), **(env or {})}
+    """Run the real `driftloop` CLI in a subprocess with its own home (`env` may name a state DB URL)."""
+    full_env = {**os.environ, "DRIFTLOOP_HOME": str(home)}
     full_env.pop("BENTOML_HOME", None)
     full_env.pop("DRIFTLOOP_DB_URL", None)
+    full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "driftloop", *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=REPO)
 

@@ -21,14 +21,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+FEEDBACK_TOKEN = "test-feedback-token-0123456789"
+ADMIN_TOKEN = "test-admin-token-0123456789"
+
+
 class Server:
+    """`driftloop serve` on a free port, with known tokens (`feedback_token`, `admin_token`;
+    `env` may override them) so tests can call the protected endpoints."""
+
     def __init__(self, home: Path, port: int | None = None, env: dict | None = None, workers: int = 1,
                  db_url: str | None = None):
         self.home = home
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env_all = {**os.environ, "DRIFTLOOP_HOME": str(home), "DRIFTLOOP_SERVICE_RELOAD_INTERVAL_S": "0.5",
-                   "DRIFTLOOP_SERVICE_WORKERS": str(workers), **(env or {})}
+                   "DRIFTLOOP_SERVICE_WORKERS": str(workers),
+                   "DRIFTLOOP_FEEDBACK_TOKEN": FEEDBACK_TOKEN, "DRIFTLOOP_ADMIN_TOKEN": ADMIN_TOKEN, **(env or {})}
+        self.feedback_token = env_all["DRIFTLOOP_FEEDBACK_TOKEN"]
+        self.admin_token = env_all["DRIFTLOOP_ADMIN_TOKEN"]
+        self.predict_token = env_all.get("DRIFTLOOP_PREDICT_TOKEN")
         env_all.pop("BENTOML_HOME", None)
         env_all.pop("DRIFTLOOP_DB_URL", None)
         env_all.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -38,6 +49,10 @@ class Server:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "driftloop", "serve", "--port", str(self.port)], cwd=REPO,
                                      env=env_all, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def auth(self, kind: str = "feedback") -> dict[str, str]:
+        """The Authorization header for this server's feedback, admin or predict token."""
+        return {"Authorization": f"Bearer {getattr(self, f'{kind}_token')}"}
 
     def wait_ready(self, timeout: float = 120) -> "Server":
         deadline = time.time() + timeout

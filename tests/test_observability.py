@@ -138,7 +138,8 @@ def test_real_prometheus_scrapes_service_and_controller_and_every_panel_and_aler
             r = httpx.post(f"{server.url}/predict", json={"texts": texts[i:i + 4]}, timeout=60)
             assert r.status_code == 200, r.text
             ids += [p["request_id"] for p in r.json()]
-        r = httpx.post(f"{server.url}/feedback", json={"items": [{"request_id": rid, "label": "positive"} for rid in ids[:40]]}, timeout=60)
+        r = httpx.post(f"{server.url}/feedback", json={"items": [{"request_id": rid, "label": "positive"} for rid in ids[:40]]},
+                       headers=server.auth("feedback"), timeout=60)
         assert r.status_code == 200, r.text
         out = cli_json(["monitor", "--once", "--min-samples", "50"], home)
         assert out["status"] == "ok"
@@ -251,6 +252,13 @@ def test_controller_runs_scheduled_passes_keeps_its_schedule_across_restarts_and
                     raise AssertionError(f"no scheduled pass reached /metrics:\n{log_path.read_text()[-3000:]}")
                 assert [j["id"] for j in status["jobs"]] == ["monitor"]
                 assert status["last_monitor_pass"]["model_version"] == out["model"]
+                # the admin routes are mounted and closed without the admin token (home/secrets/admin.token)
+                admin = f"http://127.0.0.1:{port}/admin/rollback"
+                assert httpx.post(admin, timeout=5).status_code == 401
+                assert httpx.post(admin, headers={"Authorization": "Bearer wrong-token-of-some-length"}, timeout=5).status_code == 403
+                token = (home / "secrets" / "admin.token").read_text().strip()
+                refused = httpx.post(admin, headers={"Authorization": f"Bearer {token}"}, json={}, timeout=10)
+                assert refused.status_code == 409 and "first" in refused.json()["error"], refused.text  # nothing to roll back to
             finally:
                 os.killpg(proc.pid, signal.SIGTERM)
                 code = proc.wait(timeout=60)

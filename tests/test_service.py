@@ -79,16 +79,22 @@ def test_bad_input_is_4xx_with_a_message(served, payload, raw):
 
 def test_feedback_join_idempotence_and_errors(served):
     url = served["url"]
+    auth = served["server"].auth("feedback")
     rid = httpx.post(f"{url}/predict", json={"texts": ["the camera is worth every penny"]}, timeout=30).json()[0]["request_id"]
-    ok = httpx.post(f"{url}/feedback", json={"request_id": rid, "label": "positive"}, timeout=30)
+    ok = httpx.post(f"{url}/feedback", json={"request_id": rid, "label": "positive"}, headers=auth, timeout=30)
     assert ok.status_code == 200 and ok.json()["results"][0]["status"] == "recorded"
-    again = httpx.post(f"{url}/feedback", json={"items": [{"request_id": rid, "label": "positive"}]}, timeout=30)
+    again = httpx.post(f"{url}/feedback", json={"items": [{"request_id": rid, "label": "positive"}]}, headers=auth, timeout=30)
     assert again.status_code == 200 and again.json()["results"][0]["status"] == "unchanged"
-    assert httpx.post(f"{url}/feedback", json={"items": [{"request_id": "f" * 32, "label": "positive"}]}, timeout=30).status_code == 404
-    assert httpx.post(f"{url}/feedback", json={"items": [{"request_id": rid, "label": "meh"}]}, timeout=30).status_code == 422
-    for bad in ({"items": []}, {}, {"request_id": rid}, {"request_id": rid, "label": "positive", "items": [{"request_id": rid, "label": "positive"}]}):
-        r = httpx.post(f"{url}/feedback", json=bad, timeout=30)
+    unknown = httpx.post(f"{url}/feedback", json={"items": [{"request_id": "f" * 32, "label": "positive"}]}, headers=auth, timeout=30)
+    assert unknown.status_code == 404 and unknown.json() == {"error": f"unknown request_id '{'f' * 32}'"}  # one JSON object
+    meh = httpx.post(f"{url}/feedback", json={"items": [{"request_id": rid, "label": "meh"}]}, headers=auth, timeout=30)
+    assert meh.status_code == 422 and "unknown label" in meh.json()["error"]
+    for bad in ({"items": []}, {}, {"request_id": rid}, {"request_id": rid, "label": "positive", "items": [{"request_id": rid, "label": "positive"}]},
+                {"request_id": None, "label": "positive"}, {"request_id": rid, "label": "positive", "items": None}):
+        r = httpx.post(f"{url}/feedback", json=bad, headers=auth, timeout=30)
         assert r.status_code == 400, (bad, r.status_code, r.text)
+        assert r.json()["error"]
+    assert httpx.post(f"{url}/feedback", json={"request_id": rid, "label": "positive"}, timeout=30).status_code == 401
     with sqlite3.connect(served["home"] / "state.db") as conn:
         assert conn.execute("select feedback_label from predictions where request_id=?", (rid,)).fetchone()[0] == "positive"
 
@@ -153,7 +159,7 @@ def test_failed_swap_keeps_the_old_model(served):
     broken = _train(home, served["tiny"])
     weights = Path(cli_json(["models", "show", broken], home)["path"]) / "model.safetensors"
     weights.write_bytes(b"this is not a safetensors file")
-    cli_json(["models", "promote", broken], home)
+    cli_json(["models", "promote", broken, "--force"], home)  # past the CLI's own load check: the service must refuse it too
     deadline = time.time() + 30
     info = {}
     while time.time() < deadline:

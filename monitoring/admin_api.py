@@ -1,0 +1,172 @@
+"""The controller's admin endpoints: steer the loop by hand over HTTP, behind the admin token.
+
+    POST /admin/retrain   {"reason"?}                        start a refinement now (409 if one runs)
+    POST /admin/promote   {"model_version", "reason"?, "force"?}   point production at a registered model
+    POST /admin/rollback  {"to"?, "reason"?}                  back to the model served before
+
+They do what `driftloop retrain`, `driftloop models promote` and `driftloop rollback` do (the same
+checks: the model must exist, be a driftloop model and load), record it in the audit trail, and
+answer JSON: 2xx on success, 401/403 without the admin token, 400 for a bad body, 404 for an unknown
+model, 409 when the state forbids it (a refinement running, nothing to roll back), 422 for a model
+that does not load. `admin_routes(engine)` returns Starlette routes for the controller's app.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Awaitable, Callable
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy.engine import Engine
+
+from finetune import tokens
+from finetune.errors import DriftloopError
+
+log = logging.getLogger("driftloop.admin")
+ACTOR = "admin-api"
+
+
+class RetrainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str | None = Field(None, max_length=500)
+
+
+class PromoteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model_version: str = Field(min_length=1, max_length=255)
+    reason: str | None = Field(None, max_length=500)
+    force: bool = Field(False, description="Skip the load check, like `driftloop models promote --force`.")
+
+
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    to: str | None = Field(None, min_length=1, max_length=255)
+    reason: str | None = Field(None, max_length=500)
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _parse(raw: bytes, model: type[BaseModel]) -> BaseModel:
+    """A request body as `model`: an empty body means `{}`; anything else must be a JSON object."""
+    try:
+        data = json.loads(raw) if raw.strip() else {}
+    except (ValueError, UnicodeDecodeError):
+        raise _Refused(400, "the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise _Refused(400, "the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        first = err.errors(include_input=False)[0]
+        where = ".".join(map(str, first["loc"])) or "body"
+        raise _Refused(400, f"{where}: {first['msg']}") from None
+
+
+def _checked_model(tag: str, force: bool) -> str:
+    """The checks of `driftloop models promote`: registered, a driftloop model, and (unless forced) it loads."""
+    from finetune import registry  # noqa: PLC0415
+
+    try:
+        model = registry.get(tag)
+    except DriftloopError as err:
+        raise _Refused(404, str(err)) from None
+    if not force:
+        try:
+            registry.load_verified(model.tag, device="cpu")
+        except DriftloopError as err:
+            raise _Refused(422, f"{err}; not promoted, production unchanged") from None
+    return model.tag
+
+
+def admin_routes(engine: Engine, refine=None, token: str | None = None, is_leader: Callable[[], bool] | None = None) -> list:
+    """The admin routes, for the controller's Starlette app. `refine` is the controller's
+    RefineConfig (default: RefineConfig()); `token` defaults to the admin token of this home;
+    `is_leader` (with two controllers): only the leader starts refinements, a standby answers 409."""
+    from starlette.concurrency import run_in_threadpool  # noqa: PLC0415
+    from starlette.requests import Request  # noqa: PLC0415
+    from starlette.responses import JSONResponse  # noqa: PLC0415
+    from starlette.routing import Route  # noqa: PLC0415
+
+    from monitoring.refine import RefineConfig  # noqa: PLC0415
+
+    secret = token or tokens.require(["admin"])["admin"]
+    refine_config = refine or RefineConfig()
+
+    def endpoint(work: Callable[[bytes], tuple[int, dict]]) -> Callable[[Request], Awaitable[JSONResponse]]:
+        async def handle(request: Request) -> JSONResponse:
+            denied = tokens.check(secret, request.headers.get("authorization"))
+            if denied is not None:
+                body, headers = tokens.refusal("admin", denied)
+                return JSONResponse(body, status_code=denied, headers=headers)
+            raw = await request.body()
+            try:
+                status, body = await run_in_threadpool(work, raw)
+            except _Refused as err:
+                return JSONResponse({"error": str(err)}, status_code=err.status)
+            return JSONResponse(body, status_code=status)
+        return handle
+
+    def retrain(raw: bytes) -> tuple[int, dict]:
+        from finetune import alias  # noqa: PLC0415
+        from monitoring import audit, loop  # noqa: PLC0415
+
+        req = _parse(raw, RetrainRequest)
+        if is_leader is not None and not is_leader():
+            raise _Refused(409, "this controller is a standby: send the request to the leader (see /status)")
+        prod = alias.current(engine=engine)
+        if prod is None:
+            raise _Refused(409, "no production model to refine: train and promote one first")
+        if loop.refine_running():
+            raise _Refused(409, "a refinement is already running; follow it with `driftloop history`")
+        reason = f"manual: POST /admin/retrain{f' ({req.reason})' if req.reason else ''}"
+        if not loop.start_refine(engine, refine_config, "manual", prod.tag):
+            raise _Refused(409, "a refinement is already running; follow it with `driftloop history`")
+        audit.record(engine, "policy", prod.tag, action="retrain", reason=reason, dry_run=False, actor=ACTOR)
+        log.info("admin: refinement of %s started", prod.tag)
+        return 202, {"started": True, "champion": prod.tag}
+
+    def promote(raw: bytes) -> tuple[int, dict]:
+        from finetune import alias  # noqa: PLC0415
+        from monitoring import audit  # noqa: PLC0415
+
+        req = _parse(raw, PromoteRequest)
+        tag = _checked_model(req.model_version, req.force)
+        reason = req.reason or "manual promotion (POST /admin/promote)"
+        try:
+            state = alias.promote(tag, reason=reason, actor=ACTOR, engine=engine)
+        except DriftloopError as err:
+            raise _Refused(409, str(err)) from None
+        # in the audit trail; not counted in the controller's promotion/rollback metrics (those count its own decisions)
+        audit.record(engine, "promotion", state.tag, previous=state.previous_tag, reason=reason, actor=ACTOR)
+        log.info("admin: production -> %s (was %s)", state.tag, state.previous_tag)
+        return 200, state.to_json()
+
+    def rollback(raw: bytes) -> tuple[int, dict]:
+        from finetune import alias, registry  # noqa: PLC0415
+        from monitoring import audit  # noqa: PLC0415
+
+        req = _parse(raw, RollbackRequest)
+        to = None
+        if req.to is not None:
+            try:
+                to = registry.get(req.to).tag
+            except DriftloopError as err:
+                raise _Refused(404, str(err)) from None
+        reason = req.reason or "manual rollback (POST /admin/rollback)"
+        before = alias.current(engine=engine)
+        try:
+            state = alias.rollback(to=to, reason=reason, actor=ACTOR, engine=engine)
+        except DriftloopError as err:
+            raise _Refused(409, str(err)) from None
+        audit.record(engine, "rollback", before.tag if before else None, to=state.tag, reason=reason, actor=ACTOR)
+        log.info("admin: production -> %s (rolled back from %s)", state.tag, before.tag if before else None)
+        return 200, {**state.to_json(), "rolled_back_from": before.tag if before else None}
+
+    return [Route("/admin/retrain", endpoint(retrain), methods=["POST"]),
+            Route("/admin/promote", endpoint(promote), methods=["POST"]),
+            Route("/admin/rollback", endpoint(rollback), methods=["POST"])]
