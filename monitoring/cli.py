@@ -88,7 +88,8 @@ def controller_command(
     min_samples: Optional[int] = typer.Option(None, help="No verdict below this many predictions (default 200)."),
     policy: Optional[str] = typer.Option(None, help="drift_and_performance | drift | performance | schedule | manual"),
     dry_run: Optional[bool] = typer.Option(None, "--dry-run/--act", help="Only record what the policy would do."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML with sections monitor, policy, refine."),
+    lease_ttl: Optional[float] = typer.Option(None, help="Leader lease TTL in seconds (default 15): a standby takes over within it."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML with sections monitor, policy, refine, lease."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Any key: --set policy.cooldown_s=300 (repeatable)."),
 ) -> None:
     """Run the controller: monitor passes, the retrain policy, refinements, gate, promotion, rollback."""
@@ -98,7 +99,7 @@ def controller_command(
 
     settings = load_controller_settings(config, sets, port=port, host=host, monitor_interval_s=monitor_interval,
                                         **{"monitor.window": window, "monitor.min_samples": min_samples,
-                                           "policy.mode": policy, "policy.dry_run": dry_run})
+                                           "policy.mode": policy, "policy.dry_run": dry_run, "lease.ttl_s": lease_ttl})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run(settings)
 
