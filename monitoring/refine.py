@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ from finetune import alias, profile, registry
 from finetune.averaging import average_with_start
 from finetune.config import TrainConfig, apply_overrides
 from finetune.errors import DriftloopError
+from finetune.home import runs_dir
 from monitoring import audit, predlog
 from monitoring.gate import GateConfig, GateResult, evaluate as gate_evaluate
 
@@ -151,7 +153,8 @@ def run(engine: Engine, config: RefineConfig, *, trigger: str = "manual", since_
     pseudo = confident_unlabelled(engine, champion.tag, since_id, config.self_training_min_confidence,
                                   config.self_training_max_rows) if config.self_training else []
 
-    work = Path(tempfile.mkdtemp(prefix="driftloop-refine-"))
+    # scratch under $DRIFTLOOP_HOME/runs (safe to delete when nothing runs), removed when the refinement ends
+    work = Path(tempfile.mkdtemp(prefix="refine-", dir=runs_dir()))
     train_file = work / "refine.tsv"
     gate_texts = {t for _, t, _ in gate_rows}
     mix = [(t, y) for _, t, y in fresh_train] + replay + [(t, y) for t, y in pseudo if t not in gate_texts]
@@ -220,4 +223,5 @@ def run(engine: Engine, config: RefineConfig, *, trigger: str = "manual", since_
     }
     audit.record(engine, "retrain_succeeded", challenger_tag, promoted=promoted, seconds=summary["seconds"],
                  gate_passed=result.passed, reasons=result.reasons)
+    shutil.rmtree(work, ignore_errors=True)
     return summary
