@@ -20,31 +20,28 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# apt_install(package, why): install a Debian package (as root, or through sudo) when the recipe's
+# check failed; without apt-get or root, warn and go on (the tests that need it then fail under CI).
+define apt_install
+  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else SUDO=none; fi; \
+  if [ "$$SUDO" = none ] || ! command -v apt-get >/dev/null 2>&1; then \
+    echo "warning: install the '$(1)' package $(2)"; \
+  else \
+    echo "installing the Debian package $(1) ..."; \
+    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(1) >/dev/null \
+      || { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(1) >/dev/null; }; \
+  fi
+endef
+
 # The tests start a real Prometheus (Debian package `prometheus`: prometheus + promtool) on loopback.
 prometheus:
-	@command -v promtool >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else SUDO=none; fi; \
-	  if [ "$$SUDO" = none ] || ! command -v apt-get >/dev/null 2>&1; then \
-	    echo "warning: install the 'prometheus' package (prometheus, promtool) for the observability tests"; \
-	  else \
-	    echo "installing the Debian package prometheus ..."; \
-	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
-	      || { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; \
-	  fi; }
+	@command -v promtool >/dev/null 2>&1 || { $(call apt_install,prometheus,(prometheus, promtool) for the observability tests); }
 
 # The storage, service and leader tests start a throwaway PostgreSQL on loopback (tests/pg.py) from the
 # Debian package `postgresql` (server binaries in /usr/lib/postgresql/<major>/bin; the tests run initdb
 # themselves: no system cluster is used or needed).
 postgres:
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else SUDO=none; fi; \
-	  if [ "$$SUDO" = none ] || ! command -v apt-get >/dev/null 2>&1; then \
-	    echo "warning: install the 'postgresql' package for the PostgreSQL storage tests"; \
-	  else \
-	    echo "installing the Debian package postgresql ..."; \
-	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null \
-	      || { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }; \
-	  fi; }
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { $(call apt_install,postgresql,for the PostgreSQL storage tests); }
 
 up: install
 	$(BIN)/driftloop up
