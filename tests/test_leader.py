@@ -8,43 +8,22 @@ the standby takes over once the lease expires, runs the passes, and does not ret
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import DEMO, REPO, cli_json
+from monitoring.demo import Proc
+from tests.conftest import DEMO, cli_json
 from tests.service_helpers import free_port
+from tests.traffic import log_traffic
 
 TTL_S = 4.0
 
-LOG_TRAFFIC = """
-import json, sys, uuid
-from finetune.home import configure_environment; configure_environment()
-from finetune.registry import load_predictor
-from finetune.statedb import get_engine
-from monitoring import predlog
-args = json.loads(sys.stdin.read())
-p = load_predictor(args["tag"]); engine = get_engine(); predlog.ensure_schema(engine)
-texts = [t for t, _ in args["rows"]]
-for s in range(0, len(texts), 64):
-    chunk = texts[s:s + 64]
-    out = p.predict(chunk)
-    rows = []
-    for i, text in enumerate(chunk):
-        probs = {n: float(out.probs[i, j]) for j, n in enumerate(p.label_names)}
-        rows.append(predlog.LoggedPrediction(uuid.uuid4().hex, text, p.label_names[int(out.probs[i].argmax())],
-                    float(out.probs[i].max()), probs, out.descriptors[i], out.truncated[i], out.embeddings[i]))
-    predlog.write_batch(engine, args["tag"], rows)
-    predlog.record_feedback(engine, [(r.request_id, y) for r, (_, y) in zip(rows, args["rows"][s:s + 64])], lambda v: p.label_names)
-"""
 
 
 @pytest.fixture(scope="module")
@@ -64,30 +43,23 @@ def _env(home: Path, bentoml_home: Path, db_url: str) -> dict:
 
 
 class Controller:
+    """A real `driftloop controller` subprocess (monitoring.demo.Proc: own process group, log file)."""
+
     def __init__(self, name: str, home: Path, env: dict):
         self.name = name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = home / f"controller-{name}.log"
-        self._log = open(self.log_path, "w")
         args = ["controller", "--port", str(self.port), "--monitor-interval", "1", "--min-samples", "50",
                 "--set", "policy.mode=drift", "--set", "policy.consecutive_windows=1", "--set", "policy.min_new_labels=60",
                 "--set", "monitor.report=false", "--set", "monitor.embedding_permutations=200",
                 "--set", "refine.epochs=1", "--set", "refine.promote=false", "--set", f"lease.ttl_s={TTL_S}"]
-        self.proc = subprocess.Popen([sys.executable, "-m", "driftloop", *args], cwd=REPO, env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.p = Proc(args, env, self.log_path)
+        self.proc = self.p.proc
 
     def wait_up(self, timeout: float = 90) -> "Controller":
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            assert self.proc.poll() is None, self.tail()
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"controller {self.name} not up:\n{self.tail()}")
+        self.p.wait_http(f"{self.url}/healthz", timeout=timeout)
+        return self
 
     def status(self) -> dict:
         return httpx.get(f"{self.url}/status", timeout=10).json()
@@ -105,17 +77,10 @@ class Controller:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
-        self._log.close()
+        self.p.log.close()
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
-        self._log.close()
+        self.p.stop()
         return self.proc.returncode
 
 
@@ -150,9 +115,7 @@ def test_two_controllers_one_leader_one_retrain_and_takeover_after_sigkill(backe
 
     # drifted traffic with feedback: financial news against a champion trained on product reviews
     rows = [tuple(line.split("\t")) for line in (DEMO / "markets.tsv").read_text(encoding="utf-8").splitlines()[1:151]]
-    proc = subprocess.run([sys.executable, "-c", LOG_TRAFFIC], input=json.dumps({"tag": champion["tag"], "rows": rows}), env=env,
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    log_traffic(env, champion["tag"], rows, feedback=True)
 
     def passes() -> int:
         store.ensure_schema(engine)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import random
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -93,42 +92,15 @@ def sst2_world(tmp_path_factory):
 
 
 def _log_traffic(home: Path, tag: str, rows: list[tuple[str, int]], feedback: bool = False) -> None:
-    """Log predictions for these texts exactly as the service does (same Predictor, same writer)."""
-    import subprocess
-    import sys
-    import json
-
-    payload = json.dumps({"tag": tag, "rows": rows, "feedback": feedback})
-    code = """
-import json, sys, uuid
-from finetune.home import configure_environment; configure_environment()
-from finetune.registry import load_predictor
-from finetune.statedb import get_engine
-from monitoring import predlog
-args = json.loads(sys.stdin.read())
-p = load_predictor(args["tag"]); engine = get_engine(); predlog.ensure_schema(engine)
-texts = [t for t, _ in args["rows"]]
-for s in range(0, len(texts), 64):
-    chunk = texts[s:s + 64]
-    out = p.predict(chunk)
-    rows = []
-    for i, text in enumerate(chunk):
-        probs = {n: float(out.probs[i, j]) for j, n in enumerate(p.label_names)}
-        rows.append(predlog.LoggedPrediction(f"{s + i:08d}" + uuid.uuid4().hex[:16], text, p.label_names[int(out.probs[i].argmax())],
-                    float(out.probs[i].max()), probs, out.descriptors[i], out.truncated[i], out.embeddings[i]))
-    predlog.write_batch(engine, args["tag"], rows)
-    if args["feedback"]:
-        predlog.record_feedback(engine, [(r.request_id, p.label_names[y]) for r, (_, y) in zip(rows, args["rows"][s:s + 64])],
-                                lambda v: p.label_names)
-"""
+    """Log predictions for these texts exactly as the service does, in `home` (its SQLite state DB)."""
     import os
+
+    from tests.traffic import log_traffic
 
     env = {**os.environ, "DRIFTLOOP_HOME": str(home)}
     env.pop("BENTOML_HOME", None)
     env.pop("DRIFTLOOP_DB_URL", None)
-    proc = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, text=True, env=env, timeout=600,
-                          cwd=Path(__file__).resolve().parent.parent)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    log_traffic(env, tag, rows, feedback=feedback)
 
 
 @pytest.mark.slow

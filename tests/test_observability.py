@@ -22,7 +22,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import REPO, cli_json, run_cli
+from tests.conftest import REPO, cli_json
 from tests.service_helpers import Server, free_port
 
 DEPLOY = REPO / "deploy"
