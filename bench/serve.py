@@ -6,7 +6,9 @@ sentences), on loopback only, each load bounded in time and count:
   (a) driftloop's service (`driftloop serve`: adaptive batching, prediction log), and again with the
       prediction log off, to show what durability costs;
   (b) a naive server: the same model once per request, no batching (bench/naive_server.py);
-  (c) the offline ceiling: the model's forward pass in this process at its best batch size.
+  (c) the offline ceiling: the model's forward pass in this process at its best batch size; and,
+      stricter, the most a zero-overhead server could do with the texts it can see at once at each
+      concurrency, sorted by length into forward passes (see `offline_ceiling`).
 
     python bench/serve.py                         # concurrency 1, 8, 32, 64; 3 rounds of 15 s each
     python bench/serve.py --duration 30 --rounds 5 --concurrency 32 64
@@ -125,39 +127,79 @@ def load(url: str, texts: list[str], concurrency: int, duration: float, bodies: 
     return asyncio.run(_load(url, texts, concurrency, duration, 100_000))
 
 
-def offline_ceiling(tag: str, texts: list[str], repeats: int = 2) -> dict:
-    """The model in this process, no HTTP, best of `repeats`, over the first 512 texts of the traffic.
+class OfflineCeiling:
+    """The model in this process, no HTTP, over the first 512 texts of the traffic.
 
-    `arrival`: texts taken in arrival order in gathered batches of B (what a server can see), each
-    sorted by length into forward passes of F; best (B, F) with F in {16, B} (smaller F measured no better). `sorted`: all 512 texts known up front and
-    sorted by length before batching, which no online server can do; reported for reference.
+    `rate(B, F)`: texts taken in arrival order in gathered batches of B, each sorted by length into
+    forward passes of F (F = B: one pass per batch, padded to its longest text). Cells are measured
+    once per round, interleaved with the servers' loads, so the ceiling and the servers see the same
+    spells of this noisy machine; each cell is the median of its rounds. For concurrency c:
+
+    * `forward`: the issue's (c), "the model's forward pass in-process at its best batch size":
+      best B of rate(B, B);
+    * `window`: stricter: the most a server with no overhead at all could do with c clients, which
+      never sees more than c texts at once: best F of rate(min(c, 64), F);
+    * `best`: best F of rate(64, F), whatever the concurrency (the strictest).
     """
-    from finetune.registry import load_predictor  # noqa: PLC0415
 
-    predictor = load_predictor(tag)
-    sample = texts[:512]
-    predictor.predict(sample[:64], batch_size=16)  # warm-up
+    FORWARD_BATCHES = (8, 16, 32, 64)  # a batch of 1 is never the best; it is measured as the window of 1 client
 
-    def rate(gathered: int, forward: int) -> float:
-        t0 = time.perf_counter()
-        for s in range(0, len(sample), gathered):
-            predictor.predict(sample[s:s + gathered], batch_size=forward)
-        return len(sample) / (time.perf_counter() - t0)
+    def __init__(self, tag: str, texts: list[str]):
+        from finetune.registry import load_predictor  # noqa: PLC0415
 
-    arrival = max(((rate(b, f), b, f) for _ in range(repeats) for b in (16, 32, 64) for f in sorted({16, b})))
-    ordered = max(((rate(len(sample), f), f) for _ in range(repeats) for f in (16, 32, 64)))
-    return {"texts_per_s": round(arrival[0], 1), "gathered": arrival[1], "forward_batch": arrival[2],
-            "sorted_texts_per_s": round(ordered[0], 1), "sorted_forward_batch": ordered[1]}
+        self.predictor = load_predictor(tag)
+        self.sample = texts[:512]
+        self.predictor.predict(self.sample[:64], batch_size=16)  # warm-up
+        self.rounds: dict[tuple[int, int, int], list[float]] = {}
+
+    @staticmethod
+    def _window_cells(window: int) -> list[tuple[int, int]]:
+        return [(window, f) for f in sorted({4, 8, 16, window}) if f <= window]
+
+    def cells(self, concurrency: int) -> list[tuple[int, int]]:
+        forward = [(b, b) for b in self.FORWARD_BATCHES]
+        return sorted(set(forward + self._window_cells(min(concurrency, 64)) + self._window_cells(64)))
+
+    def measure_round(self, concurrency: int) -> None:
+        for gathered, forward in self.cells(concurrency):
+            t0 = time.perf_counter()
+            for s in range(0, len(self.sample), gathered):
+                self.predictor.predict(self.sample[s:s + gathered], batch_size=forward)
+            rate = len(self.sample) / (time.perf_counter() - t0)
+            self.rounds.setdefault((concurrency, gathered, forward), []).append(rate)
+
+    def summary(self, concurrency: int) -> dict:
+        med = {(b, f): float(np.median(v)) for (c, b, f), v in self.rounds.items() if c == concurrency}
+        forward = max((v, b) for (b, f), v in med.items() if b == f)
+        window = max((v, f) for (b, f), v in med.items() if b == min(concurrency, 64))
+        best = max((v, f) for (b, f), v in med.items() if b == 64)
+        return {"forward": round(forward[0], 1), "forward_batch": forward[1],
+                "window": round(window[0], 1), "window_forward_batch": window[1],
+                "best": round(best[0], 1), "best_forward_batch": best[1],
+                "cells": {f"{b}/{f}": round(v, 1) for (b, f), v in sorted(med.items())}}
 
 
-def batch_totals(url: str) -> tuple[float, float]:
-    """(texts, calls) served by /predict since the server started, summed over workers, from /metrics."""
-    totals = {"driftloop_batch_size_sum": 0.0, "driftloop_batch_size_count": 0.0}
+BATCH_SUMS = ("driftloop_batch_size_sum", "driftloop_batch_size_count", "driftloop_batch_seconds_sum",
+              "driftloop_prediction_log_write_seconds_sum")
+
+
+def batch_totals(url: str) -> dict[str, float]:
+    """The server's own /predict batch counters since it started, summed over workers, from /metrics."""
+    totals = dict.fromkeys(BATCH_SUMS, 0.0)
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
         if name in totals:
             totals[name] += float(line.rsplit(" ", 1)[1])
-    return totals["driftloop_batch_size_sum"], totals["driftloop_batch_size_count"]
+    return totals
+
+
+def batch_figures(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Mean batch, and the share of the batch thread's time spent committing the prediction log: what
+    the log costs in throughput while the batch thread is the bottleneck, without the A/B noise."""
+    delta = {k: after[k] - before[k] for k in BATCH_SUMS}
+    calls, busy = delta["driftloop_batch_size_count"], delta["driftloop_batch_seconds_sum"]
+    return {"mean_batch": round(delta["driftloop_batch_size_sum"] / calls, 1) if calls else None,
+            "log_share": round(delta["driftloop_prediction_log_write_seconds_sum"] / busy, 4) if busy else None}
 
 
 def main() -> None:
@@ -186,8 +228,8 @@ def main() -> None:
                               "--quiet", "--json", "--promote", "always", "--set", "report=false"],
                              cwd=ROOT, env=env, capture_output=True, text=True, check=True)
         tag = json.loads(out.stdout)["model"]
-    results = {"model": tag, "offline_ceiling": offline_ceiling(tag, texts)}
-    print(json.dumps({"offline_ceiling": results["offline_ceiling"]}), flush=True)
+    ceiling = OfflineCeiling(tag, texts)
+    results: dict = {"model": tag, "offline_ceiling": {}}
 
     # All servers run side by side (an idle one costs nothing) and the loads interleave, round by round,
     # so slow drifts of this noisy machine hit every variant alike; each cell is the median round.
@@ -205,37 +247,42 @@ def main() -> None:
         for c in args.concurrency:
             rounds: dict[str, list[dict]] = {name: [] for name, _ in variants}
             for _ in range(args.rounds):
+                ceiling.measure_round(c)
                 for name, extra in variants:
                     url = urls[name]
                     before = batch_totals(url) if extra is not None else None
                     r = load(url, texts, c, args.duration, bodies)
                     if before is not None:
-                        after = batch_totals(url)
-                        calls = after[1] - before[1]
-                        r["mean_batch"] = round((after[0] - before[0]) / calls, 1) if calls else None
+                        r.update(batch_figures(before, batch_totals(url)))
                     rounds[name].append(r)
                     print(json.dumps({"server": name, "concurrency": c, **r}), flush=True)
             for name, runs in rounds.items():
                 median = sorted(runs, key=lambda r: r["req_per_s"])[len(runs) // 2]
                 results.setdefault(name, {})[c] = {**median, "errors": sum(r["errors"] for r in runs)}
+            results["offline_ceiling"][c] = ceiling.summary(c)
+            print(json.dumps({"offline_ceiling": c, **results["offline_ceiling"][c]}), flush=True)
     finally:
         for proc in procs:
             stop(proc)
 
-    ceiling = results["offline_ceiling"]["texts_per_s"]
-    oc = results["offline_ceiling"]
-    print(f"\nmodel {tag}; offline ceiling {ceiling} texts/s (arrival order, gathered {oc['gathered']}, forward {oc['forward_batch']}); "
-          f"all-sorted {oc['sorted_texts_per_s']} texts/s (forward {oc['sorted_forward_batch']})\n")
-    print("| server | concurrency | req/s | p50 ms | p99 ms | errors (all rounds) | mean batch | vs naive | vs ceiling | vs all-sorted |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\nmodel {tag}; offline ceilings in texts/s, median of {args.rounds} rounds interleaved with the loads:")
+    for c, oc in results["offline_ceiling"].items():
+        print(f"* concurrency {c}: (c) forward pass at its best batch size {oc['forward']} (batch {oc['forward_batch']}); "
+              f"window of {min(c, 64)} texts {oc['window']} (forward passes of {oc['window_forward_batch']}); "
+              f"best window (64 texts) {oc['best']} (forward passes of {oc['best_forward_batch']})")
+    print("\n| server | concurrency | req/s | p50 ms | p99 ms | errors (all rounds) | mean batch | vs naive | vs (c) | vs window | vs best window |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, _ in variants:
         for c, r in results[name].items():
-            naive = results["naive"][c]["req_per_s"]
+            naive, oc = results["naive"][c]["req_per_s"], results["offline_ceiling"][c]
             print(f"| {name} | {c} | {r['req_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {r.get('mean_batch', 1)} | "
-                  f"{r['req_per_s'] / naive:.2f}x | {r['req_per_s'] / ceiling:.0%} | {r['req_per_s'] / oc['sorted_texts_per_s']:.0%} |")
+                  f"{r['req_per_s'] / naive:.2f}x | {r['req_per_s'] / oc['forward']:.0%} | {r['req_per_s'] / oc['window']:.0%} | "
+                  f"{r['req_per_s'] / oc['best']:.0%} |")
     for c in args.concurrency:
         on, off = results["driftloop"][c]["req_per_s"], results["driftloop, log off"][c]["req_per_s"]
-        print(f"prediction log cost at concurrency {c}: {1 - on / off:+.1%} of throughput (median of {args.rounds} interleaved rounds)")
+        share = results["driftloop"][c].get("log_share")
+        print(f"prediction log cost at concurrency {c}: {1 - on / off:+.1%} of throughput, log on vs off (median of {args.rounds} "
+              f"interleaved rounds); commits took {share:.1%} of the batch thread's time (median round)")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ CONFIDENCE = Histogram("driftloop_prediction_confidence", "Calibrated confidence
 TRUNCATED = Counter("driftloop_truncated_texts", "Texts truncated to the model's max tokens", ["model_version"])
 BATCH_SIZE = Histogram("driftloop_batch_size", "Texts per /predict call gathered by the adaptive batcher", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 FEEDBACK = Counter("driftloop_feedback", "Feedback labels received", ["status"])
+BATCH_SECONDS = Histogram("driftloop_batch_seconds", "Time to serve one gathered /predict batch: forward passes and prediction-log commit",
+                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
 LOG_WRITE_SECONDS = Histogram("driftloop_prediction_log_write_seconds", "Time to commit one batch to the prediction log",
                               buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
 LOG_WRITE_FAILURES = Counter("driftloop_prediction_log_write_failures", "Batches that could not be logged (answered 503)")

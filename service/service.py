@@ -169,6 +169,7 @@ class Classifier:
                  route="/predict")
     def predict(self, texts: Texts) -> list[Prediction]:
         """Classify texts: label, calibrated scores, confidence, model version and a request id each."""
+        batch_started = time.perf_counter()
         serving = self.models.current  # one model for the whole batch, even if a swap happens meanwhile
         if serving is None:
             raise ServiceUnavailable("no production model is loaded yet: train and promote one (driftloop train)")
@@ -194,6 +195,7 @@ class Classifier:
                 raise ServiceUnavailable("the prediction log is unavailable; nothing was served, retry later") from None
             metrics.LOG_WRITE_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(texts))
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - batch_started)
         for a in answers:
             metrics.PREDICTIONS.labels(model_version=a.model_version, label=a.label).inc()
             metrics.CONFIDENCE.labels(model_version=a.model_version).observe(a.confidence)
