@@ -3,8 +3,9 @@
 In one run, against the same registered MiniLM model and the same single-text requests (SST-2 test
 sentences), on loopback only, each load bounded in time and count:
 
-  (a) driftloop's service (`driftloop serve`: adaptive batching, prediction log), and again with the
-      prediction log off, to show what durability costs;
+  (a) driftloop's service (`driftloop serve`: adaptive batching, prediction log), again with the
+      prediction log off, to show what durability costs, and again with BentoML's own batch release
+      rule instead of service/batching.py's;
   (b) a naive server: the same model once per request, no batching (bench/naive_server.py);
   (c) the offline ceiling: the model's forward pass in this process at its best batch size; and,
       stricter, the most a zero-overhead server could do with the texts it can see at once at each
@@ -233,7 +234,8 @@ def main() -> None:
 
     # All servers run side by side (an idle one costs nothing) and the loads interleave, round by round,
     # so slow drifts of this noisy machine hit every variant alike; each cell is the median round.
-    variants = [("driftloop", {}), ("driftloop, log off", {"DRIFTLOOP_SERVICE_LOG_PREDICTIONS": "false"}), ("naive", None)]
+    variants = [("driftloop", {}), ("driftloop, log off", {"DRIFTLOOP_SERVICE_LOG_PREDICTIONS": "false"}),
+                ("driftloop, BentoML's release rule", {"DRIFTLOOP_SERVICE_BATCH_LINGER_MS": "0"}), ("naive", None)]
     procs, urls = [], {}
     try:
         for name, extra in variants:

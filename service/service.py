@@ -30,12 +30,13 @@ configure_environment()
 from finetune import tokens  # noqa: E402
 from finetune.statedb import get_engine  # noqa: E402
 from monitoring import predlog  # noqa: E402
-from service import guard, metrics  # noqa: E402
+from service import batching, guard, metrics  # noqa: E402
 from service.model_holder import ModelHolder  # noqa: E402
 from service.settings import ServiceSettings  # noqa: E402
 
 SETTINGS = ServiceSettings.from_env()
 log = logging.getLogger("driftloop.service")
+batching.install(SETTINGS.batch_linger_ms)  # before BentoML builds the app and its dispatchers
 
 
 def _not_blank(text: str) -> str:

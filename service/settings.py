@@ -32,6 +32,9 @@ class ServiceSettings(BaseModel):
     forward_batch_size: int = Field(0, ge=0, description=(
         "Texts per forward pass inside a gathered batch, sorted by length so each pass pads little. "
         "0 = auto: 8 on CPU (measured best for gathered batches of 32-64 on 2 cores, docs/benchmarks.md), 128 on GPU."))
+    batch_linger_ms: int = Field(50, ge=0, le=10_000, description=(
+        "Once the model is free, how long a batch may wait for as many requests as the last batch "
+        "answered plus those queued meanwhile (service/batching.py). 0 = BentoML's own release rule."))
     max_latency_ms: int = Field(30_000, ge=10, description="BentoML's batching deadline; generous so load queues instead of 503s.")
     warmup_texts: int = Field(8, ge=0)
     explain_max_chars: int = Field(1000, ge=1, description="/explain refuses longer texts (422).")
