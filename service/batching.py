@@ -18,6 +18,7 @@ linger at most, after which the demand is measured again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -29,10 +30,9 @@ log = logging.getLogger("driftloop.service")
 class DemandAwareDispatcher(CorkDispatcher):
     """BentoML's CorkDispatcher with a release rule that waits for the clients just answered."""
 
-    linger_s: float = 0.05  # set by `install`
-
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, linger_s: float = 0.05, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.linger_s = linger_s
         self.demand = 1  # requests in the system when the last batch finished
         self.freed_at = 0.0  # when the model last became free
 
@@ -72,6 +72,5 @@ def install(linger_ms: int) -> bool:
         return False
     from _bentoml_impl.server import app  # noqa: PLC0415 - the module that builds the dispatchers
 
-    DemandAwareDispatcher.linger_s = linger_ms / 1000
-    app.CorkDispatcher = DemandAwareDispatcher
+    app.CorkDispatcher = functools.partial(DemandAwareDispatcher, linger_s=linger_ms / 1000)
     return True
