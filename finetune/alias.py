@@ -8,10 +8,11 @@ together: a crash at any moment leaves either the old pointer or the new one, ne
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from sqlalchemy import Column, Integer, MetaData, String, Table, Text, insert, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from finetune.errors import DriftloopError
@@ -121,15 +122,23 @@ def _locked(engine: Engine, alias: str, change):
     raise AssertionError("unreachable")
 
 
+# In the same transaction as a move: hook(conn, action, new tag, tag it replaces). It may raise to
+# cancel the move (a stale leader's fencing token) or write more rows with it (the audit event).
+MoveHook = Callable[[Connection, str, str, "str | None"], None]
+
+
 def promote(tag: str, alias: str = PRODUCTION, reason: str | None = None, actor: str = "user",
-            engine: Engine | None = None) -> AliasState:
-    """Point the alias at `tag` (the caller checks that the model exists and loads)."""
+            engine: Engine | None = None, hook: MoveHook | None = None) -> AliasState:
+    """Point the alias at `tag` (low level: `finetune.production.promote` checks the model, the
+    fencing token and writes the audit trail; use that)."""
     engine = ensure_schema(engine)
 
     def change(conn, pointer) -> None:
         previous = pointer["tag"] if pointer else None
         if previous == tag:
             raise DriftloopError(f"{tag} is already the {alias} model")
+        if hook is not None:
+            hook(conn, "promote", tag, previous)
         _move(conn, pointer, alias, tag, previous, "promote", reason, actor)
 
     _locked(engine, alias, change)
@@ -137,8 +146,9 @@ def promote(tag: str, alias: str = PRODUCTION, reason: str | None = None, actor:
 
 
 def rollback(alias: str = PRODUCTION, to: str | None = None, reason: str | None = None, actor: str = "user",
-             engine: Engine | None = None) -> AliasState:
-    """Undo the last promotion (or go to `to`): the pointer returns to the model served before.
+             engine: Engine | None = None, hook: MoveHook | None = None) -> AliasState:
+    """Undo the last promotion (or go to `to`): the pointer returns to the model served before
+    (low level: use `finetune.production.rollback`).
 
     Rollbacks stack: rolling back twice returns to the model before the one before.
     """
@@ -159,6 +169,8 @@ def rollback(alias: str = PRODUCTION, to: str | None = None, reason: str | None 
         below = last.previous_tag if last else None
         if below == row["tag"]:
             below = None
+        if hook is not None:
+            hook(conn, "rollback", target, row["tag"])
         _move(conn, row, alias, target, below, "rollback", reason or f"rolled back from {row['tag']}", actor)
 
     _locked(engine, alias, change)

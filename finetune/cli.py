@@ -250,15 +250,9 @@ def models_promote(
     The model is loaded on CPU and run once first: one that does not load is refused and the alias
     stays where it was.
     """
-    from finetune import alias, registry  # noqa: PLC0415
+    from finetune import production  # noqa: PLC0415
 
-    model = registry.get(tag)  # must exist and be a driftloop model
-    if not force:
-        try:
-            registry.load_verified(model.tag, device="cpu")
-        except DriftloopError as err:
-            raise DriftloopError(f"{err}; not promoted, production unchanged") from None
-    state = alias.promote(model.tag, reason=reason or "manual promotion", actor="cli")
+    state = production.promote(tag, reason=reason or "manual promotion", actor="cli", force=force)
     if as_json:
         emit_json(state.to_json())
     else:
@@ -272,12 +266,10 @@ def models_rollback(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Return the production alias to the model served before the last promotion."""
-    from finetune import alias, registry  # noqa: PLC0415
+    from finetune import alias, production  # noqa: PLC0415
 
-    if to is not None:
-        to = registry.get(to).tag
     before = alias.current()
-    state = alias.rollback(to=to, reason=reason, actor="cli")
+    state = production.rollback(to=to, reason=reason or "manual rollback", actor="cli")
     if as_json:
         emit_json(state.to_json())
     else:

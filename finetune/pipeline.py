@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune import alias, profile, registry
+from finetune import alias, data_store, production, profile, registry
 from finetune.config import TrainConfig
 from finetune.data import PreparedData, prepare
 from finetune.evaluation import classification_metrics, fit_temperature, softmax
-from finetune.inference import Predictor
+from finetune.inference import Predictions, Predictor
 from finetune.training import FitResult, fit
 
 
@@ -85,6 +85,29 @@ def evaluate(config: TrainConfig, fitted: FitResult, data: PreparedData) -> Eval
     return Evaluation(temperature, metrics, val.logits, val, test_logits, truncated)
 
 
+def predict_calibrated(config: TrainConfig, fitted: FitResult, label_names: list[str], texts: list[str],
+                       temperature: float) -> Predictions:
+    """The fitted model's predictions through the serving code path, probabilities calibrated with `temperature`."""
+    predictor = Predictor(fitted.model, fitted.tokenizer, label_names, max_length=config.model.max_length)
+    out = predictor.predict(texts, batch_size=config.training.eval_batch_size)
+    out.probs = softmax(out.logits, temperature).astype(np.float32)
+    return out
+
+
+def root_data_lineage(data: PreparedData, ev: Evaluation) -> dict:
+    """Generation 0's durable data: its training split (what later refinements replay) and its
+    validation split (the first rows of the cumulative regression suite, never trained on)."""
+    names = data.label_names
+    own = data_store.put((t, names[y]) for t, y in zip(data.train.texts, data.train.labels))
+    suite = data_store.put((t, names[y]) for t, y in zip(data.val.texts, data.val.labels))
+    val = ev.metrics["val"]
+    return {
+        "data_lineage": {"generation": 0, "own": own.to_json(), "regression_suite": suite.to_json()},
+        "reference": {"accuracy": val["accuracy"], "n": len(data.val), "source": "validation split",
+                      "profile_rows": len(data.val), "profile_source": "validation split"},
+    }
+
+
 def build_lineage(config: TrainConfig, fitted: FitResult, data: PreparedData, ev: Evaluation,
                   parent: str | None, started: float, extra: dict | None = None) -> dict:
     return {
@@ -119,9 +142,15 @@ def build_lineage(config: TrainConfig, fitted: FitResult, data: PreparedData, ev
 
 
 def register_fitted(config: TrainConfig, fitted: FitResult, data: PreparedData, ev: Evaluation, lineage: dict,
-                    promote_reason: str = "trained") -> TrainOutcome:
-    """Write weights, tokenizer, profile and report into a new store entry, then maybe promote."""
-    frame, embeddings = profile.build(data.val.texts, data.val.labels, data.label_names, ev.val_preds)
+                    promote_reason: str = "trained",
+                    reference: tuple[list[str], list[int | None], Predictions] | None = None) -> TrainOutcome:
+    """Write weights, tokenizer, profile and report into a new store entry, then maybe promote.
+
+    The reference profile is the validation split unless `reference` (texts, label index or None,
+    calibrated predictions) says what the model will serve instead (a refinement: recent traffic).
+    """
+    ref_texts, ref_labels, ref_preds = reference or (data.val.texts, data.val.labels, ev.val_preds)
+    frame, embeddings = profile.build(ref_texts, ref_labels, data.label_names, ref_preds)
     report_html: list[str] = []
 
     def write_files(directory: Path, tag: str) -> None:
@@ -148,7 +177,7 @@ def register_fitted(config: TrainConfig, fitted: FitResult, data: PreparedData, 
     promoted = False
     mode = config.registry.promote
     if mode == "always" or (mode == "auto" and alias.current() is None):
-        alias.promote(tag, reason=promote_reason, actor="train")
+        production.promote(tag, reason=promote_reason, actor="train", verify=False)
         promoted = True
     return TrainOutcome(tag, ev.metrics, str(path / registry.REPORT_FILE) if report_html else None, promoted, lineage)
 
@@ -161,5 +190,5 @@ def train(config: TrainConfig, *, quiet: bool = False, progress: bool = True) ->
     if not fitted.is_main_process:
         return None
     ev = evaluate(config, fitted, data)
-    lineage = build_lineage(config, fitted, data, ev, config.registry.parent, started)
+    lineage = build_lineage(config, fitted, data, ev, config.registry.parent, started, extra=root_data_lineage(data, ev))
     return register_fitted(config, fitted, data, ev, lineage)

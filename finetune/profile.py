@@ -23,11 +23,11 @@ def prob_column(label: str) -> str:
     return f"prob_{label}"
 
 
-def build(texts: list[str], labels: list[int], label_names: list[str], preds: Predictions) -> tuple[pd.DataFrame, np.ndarray]:
-    """One row per validation text: truth, prediction, calibrated probabilities, descriptors."""
+def build(texts: list[str], labels: list[int | None], label_names: list[str], preds: Predictions) -> tuple[pd.DataFrame, np.ndarray]:
+    """One row per reference text: truth (None where unlabelled), prediction, calibrated probabilities, descriptors."""
     frame = pd.DataFrame({
         "text": texts,
-        "label": [label_names[y] for y in labels],
+        "label": [None if y is None else label_names[y] for y in labels],
         "prediction": [label_names[i] for i in preds.labels],
         "confidence": preds.probs.max(axis=1),
         "truncated": preds.truncated,

@@ -140,3 +140,13 @@ def authorization_header(kind: Kind) -> dict[str, str]:
     """`{"Authorization": "Bearer ..."}` for a client of this home, or {} when there is no such token."""
     token = get(kind)
     return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+REQUIRE_PREDICT_ENV = "DRIFTLOOP_SERVICE_REQUIRE_PREDICT_TOKEN"
+
+
+def predict_token_required() -> bool:
+    """Whether the service is configured to require the predict token on /predict (the service's own
+    setting, read from the environment the controller shares with it): only then is `/predict` text
+    from known callers, and only then may it become training data (self-training)."""
+    return os.environ.get(REQUIRE_PREDICT_ENV, "").strip().lower() in {"1", "true", "yes", "on"}

@@ -67,26 +67,13 @@ def _parse(raw: bytes, model: type[BaseModel]) -> BaseModel:
         raise _Refused(400, f"{where}: {first['msg']}") from None
 
 
-def _checked_model(tag: str, force: bool) -> str:
-    """The checks of `driftloop models promote`: registered, a driftloop model, and (unless forced) it loads."""
-    from finetune import registry  # noqa: PLC0415
-
-    try:
-        model = registry.get(tag)
-    except DriftloopError as err:
-        raise _Refused(404, str(err)) from None
-    if not force:
-        try:
-            registry.load_verified(model.tag, device="cpu")
-        except DriftloopError as err:
-            raise _Refused(422, f"{err}; not promoted, production unchanged") from None
-    return model.tag
-
-
-def admin_routes(engine: Engine, refine=None, token: str | None = None, is_leader: Callable[[], bool] | None = None) -> list:
+def admin_routes(engine: Engine, refine=None, token: str | None = None, is_leader: Callable[[], bool] | None = None,
+                 fence: Callable[[], object] | None = None) -> list:
     """The admin routes, for the controller's Starlette app. `refine` is the controller's
     RefineConfig (default: RefineConfig()); `token` defaults to the admin token of this home;
-    `is_leader` (with two controllers): only the leader starts refinements, a standby answers 409."""
+    `is_leader` (with two controllers): only the leader starts refinements, a standby answers 409;
+    `fence()` gives the leader's term, carried by the refinements it starts. Promote and rollback are
+    a person's decision, taken on any controller: they carry no term."""
     from starlette.concurrency import run_in_threadpool  # noqa: PLC0415
     from starlette.requests import Request  # noqa: PLC0415
     from starlette.responses import JSONResponse  # noqa: PLC0415
@@ -113,7 +100,8 @@ def admin_routes(engine: Engine, refine=None, token: str | None = None, is_leade
 
     def retrain(raw: bytes) -> tuple[int, dict]:
         from finetune import alias  # noqa: PLC0415
-        from monitoring import audit, loop  # noqa: PLC0415
+        from finetune import audit  # noqa: PLC0415
+        from monitoring import loop  # noqa: PLC0415
 
         req = _parse(raw, RetrainRequest)
         if is_leader is not None and not is_leader():
@@ -124,31 +112,34 @@ def admin_routes(engine: Engine, refine=None, token: str | None = None, is_leade
         if loop.refine_running():
             raise _Refused(409, "a refinement is already running; follow it with `driftloop history`")
         reason = f"manual: POST /admin/retrain{f' ({req.reason})' if req.reason else ''}"
-        if not loop.start_refine(engine, refine_config, "manual", prod.tag):
+        if not loop.start_refine(engine, refine_config, "manual", prod.tag, fence=fence() if fence is not None else None):
             raise _Refused(409, "a refinement is already running; follow it with `driftloop history`")
         audit.record(engine, "policy", prod.tag, action="retrain", reason=reason, dry_run=False, actor=ACTOR)
         log.info("admin: refinement of %s started", prod.tag)
         return 202, {"started": True, "champion": prod.tag}
 
     def promote(raw: bytes) -> tuple[int, dict]:
-        from finetune import alias  # noqa: PLC0415
-        from monitoring import audit  # noqa: PLC0415
+        from finetune import production, registry  # noqa: PLC0415
 
         req = _parse(raw, PromoteRequest)
-        tag = _checked_model(req.model_version, req.force)
         reason = req.reason or "manual promotion (POST /admin/promote)"
         try:
-            state = alias.promote(tag, reason=reason, actor=ACTOR, engine=engine)
+            tag = registry.get(req.model_version).tag
+        except DriftloopError as err:
+            raise _Refused(404, str(err)) from None
+        try:
+            tag = production.verified_tag(tag, req.force)
+        except DriftloopError as err:
+            raise _Refused(422, str(err)) from None
+        try:  # audited with the move; not counted in the controller's promotion metrics (those count its own decisions)
+            state = production.promote(tag, reason=reason, actor=ACTOR, engine=engine, verify=False)
         except DriftloopError as err:
             raise _Refused(409, str(err)) from None
-        # in the audit trail; not counted in the controller's promotion/rollback metrics (those count its own decisions)
-        audit.record(engine, "promotion", state.tag, previous=state.previous_tag, reason=reason, actor=ACTOR)
         log.info("admin: production -> %s (was %s)", state.tag, state.previous_tag)
         return 200, state.to_json()
 
     def rollback(raw: bytes) -> tuple[int, dict]:
-        from finetune import alias, registry  # noqa: PLC0415
-        from monitoring import audit  # noqa: PLC0415
+        from finetune import alias, production, registry  # noqa: PLC0415
 
         req = _parse(raw, RollbackRequest)
         to = None
@@ -160,10 +151,9 @@ def admin_routes(engine: Engine, refine=None, token: str | None = None, is_leade
         reason = req.reason or "manual rollback (POST /admin/rollback)"
         before = alias.current(engine=engine)
         try:
-            state = alias.rollback(to=to, reason=reason, actor=ACTOR, engine=engine)
+            state = production.rollback(to=to, reason=reason, actor=ACTOR, engine=engine)
         except DriftloopError as err:
             raise _Refused(409, str(err)) from None
-        audit.record(engine, "rollback", before.tag if before else None, to=state.tag, reason=reason, actor=ACTOR)
         log.info("admin: production -> %s (rolled back from %s)", state.tag, before.tag if before else None)
         return 200, {**state.to_json(), "rolled_back_from": before.tag if before else None}
 

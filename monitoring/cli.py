@@ -112,6 +112,7 @@ def refine_command(
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Any refine key: --set replay_ratio=2 (repeatable)."),
     promote: bool = typer.Option(True, "--promote/--no-promote", help="Promote when the gate passes."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    fence: Optional[str] = typer.Option(None, help="The controller's lease term (JSON), checked when promoting; set by the controller."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Fine-tune the production model on fresh labelled traffic (+ replay), gate it, promote it or not."""
@@ -120,16 +121,23 @@ def refine_command(
     from finetune.cli import _set_options  # noqa: PLC0415
     from finetune.config import apply_overrides, build_config  # noqa: PLC0415
     from finetune.statedb import get_engine  # noqa: PLC0415
-    from monitoring import audit  # noqa: PLC0415
+    from finetune import audit  # noqa: PLC0415
     from monitoring.refine import RefineConfig, run  # noqa: PLC0415
 
     raw = json.loads(config_json) if config_json else {}
     cfg = build_config(apply_overrides(apply_overrides(raw, {"promote": promote}), _set_options(sets)), RefineConfig)
+    from monitoring.lease import Fence  # noqa: PLC0415
+
     runs = [] if monitor_runs in ("", "none") else [int(x) for x in monitor_runs.split(",")]
+    try:
+        term = Fence.from_arg(fence) if fence else None
+    except (ValueError, KeyError, TypeError):
+        raise DriftloopError("--fence must be the controller's lease term as JSON {name, holder, token}") from None
     engine = get_engine()
     try:
         with machine_output(as_json):
-            summary = run(engine, cfg, trigger=trigger, since_id=since_id, monitor_runs=runs, quiet=quiet or as_json)
+            summary = run(engine, cfg, trigger=trigger, since_id=since_id, monitor_runs=runs, quiet=quiet or as_json,
+                          fence=term.check if term else None)
     except DriftloopError as err:
         audit.record(engine, "retrain_failed", None, trigger=trigger, error=str(err))
         raise
@@ -139,7 +147,8 @@ def refine_command(
     g = summary["gate"]
     typer.echo(f"challenger {summary['challenger']} (parent {summary['champion']}) in {summary['seconds']}s")
     typer.echo(f"gate: fresh {g['champion_fresh_accuracy']} -> {g['challenger_fresh_accuracy']} on {g['fresh_n']} items "
-               f"(McNemar p={g['p_value']}), regression loss {g['regression_loss']} on {g['regression_n']}")
+               f"(McNemar p={g['p_value']}), regression loss {g['regression_loss']} on {g['regression_n']} "
+               f"(non-inferiority p={g['regression_p_value']}, margin {g['regression_margin']})")
     typer.echo("promoted" if summary["promoted"] else "not promoted: " + "; ".join(g["reasons"]))
 
 
@@ -147,9 +156,10 @@ def gate_line(e: dict) -> str:
     """One line for a gate result: verdict, fresh-label accuracies, McNemar p, regression loss."""
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     verdict = "passed" if e.get("passed") else "failed: " + "; ".join(e.get("reasons") or [])
-    p = e.get("p_value")
+    p, rp = e.get("p_value"), e.get("regression_p_value")
     return (f"{verdict} (fresh {fmt(e.get('champion_fresh_accuracy'))} -> {fmt(e.get('challenger_fresh_accuracy'))} on "
-            f"{e.get('fresh_n')} items, McNemar p={'-' if p is None else f'{p:.2g}'}, regression loss {fmt(e.get('regression_loss'))})")
+            f"{e.get('fresh_n')} items, McNemar p={'-' if p is None else f'{p:.2g}'}; regression loss {fmt(e.get('regression_loss'))} "
+            f"on {e.get('regression_n')} items, non-inferiority p={'-' if rp is None else f'{rp:.2g}'})")
 
 
 def history_command(
@@ -159,7 +169,7 @@ def history_command(
 ) -> None:
     """The loop's audit trail: policy decisions, refinements, gate results, promotions, rollbacks."""
     from finetune.statedb import get_engine  # noqa: PLC0415
-    from monitoring import audit  # noqa: PLC0415
+    from finetune import audit  # noqa: PLC0415
 
     events = audit.history(get_engine(), limit=limit, kinds=tuple(kind) if kind else None)
     if as_json:
@@ -181,7 +191,8 @@ def status_command(as_json: bool = typer.Option(False, "--json")) -> None:
 
     from finetune import alias  # noqa: PLC0415
     from finetune.statedb import get_engine  # noqa: PLC0415
-    from monitoring import audit, store  # noqa: PLC0415
+    from finetune import audit  # noqa: PLC0415
+    from monitoring import store  # noqa: PLC0415
 
     engine = get_engine()
     store.ensure_schema(engine)
@@ -214,14 +225,18 @@ def status_command(as_json: bool = typer.Option(False, "--json")) -> None:
 
 def retrain_command(
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait for the refinement to finish."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="Any refine key: --set epochs=1 (repeatable)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Start a refinement by hand (the policy's `manual` mode), recorded in the audit trail."""
-    from finetune import alias  # noqa: PLC0415
+    from finetune import alias, audit  # noqa: PLC0415
+    from finetune.cli import _set_options  # noqa: PLC0415
+    from finetune.config import build_config  # noqa: PLC0415
     from finetune.statedb import get_engine  # noqa: PLC0415
-    from monitoring import audit, loop  # noqa: PLC0415
+    from monitoring import loop  # noqa: PLC0415
     from monitoring.refine import RefineConfig  # noqa: PLC0415
 
+    refine = build_config(_set_options(sets), RefineConfig)
     engine = get_engine()
     prod = alias.current(engine=engine)
     if prod is None:
@@ -230,11 +245,11 @@ def retrain_command(
     if not wait:
         import subprocess  # noqa: PLC0415
 
-        subprocess.Popen(loop.refine_command(RefineConfig(), "manual", None, []), start_new_session=True,
+        subprocess.Popen(loop.refine_command(refine, "manual", None, []), start_new_session=True,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         typer.echo("refinement started in the background; follow it with `driftloop history`")
         return
-    loop.start_refine(engine, RefineConfig(), "manual", prod.tag, wait=True)
+    loop.start_refine(engine, refine, "manual", prod.tag, wait=True)
     last = audit.history(engine, limit=5, kinds=("retrain_succeeded", "retrain_failed"))
     outcome = last[0] if last else {}
     if as_json:
@@ -251,16 +266,12 @@ def rollback_command(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Return production to the model served before the last promotion (recorded in the audit trail)."""
-    from finetune import alias, registry  # noqa: PLC0415
+    from finetune import alias, production  # noqa: PLC0415
     from finetune.statedb import get_engine  # noqa: PLC0415
-    from monitoring import audit  # noqa: PLC0415
 
     engine = get_engine()
-    if to is not None:
-        to = registry.get(to).tag
     before = alias.current(engine=engine)
-    state = alias.rollback(to=to, reason=reason or "manual: driftloop rollback", actor="cli", engine=engine)
-    audit.record(engine, "rollback", before.tag if before else None, to=state.tag, reason=reason or "manual")
+    state = production.rollback(to=to, reason=reason or "manual: driftloop rollback", actor="cli", engine=engine)
     if as_json:
         emit_json(state.to_json())
     else:

@@ -11,6 +11,9 @@ class MonitorConfig(BaseModel):
     window: int = Field(1000, ge=10, description="A pass looks at the last N predictions of the serving model version.")
     window_seconds: float | None = Field(None, gt=0, description="If set, only predictions from the last S seconds (still at most `window`).")
     min_samples: int = Field(200, ge=10, description="Fewer predictions in the window: no verdict (status 'insufficient').")
+    min_new_predictions: int = Field(200, ge=1, description=(
+        "A scheduled pass runs only once this many predictions arrived since the last pass with a verdict (M): "
+        "K drifted windows in a row then rest on at least K x M distinct predictions, never on re-read rows."))
     alpha: float = Field(0.01, gt=0, lt=0.5, description=(
         "Family-wise false-alarm rate of one pass: Holm-Bonferroni over all drift tests of the window."))
     embedding_test: bool = Field(True, description="Test pooled embeddings (MMD² permutation test).")

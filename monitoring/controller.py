@@ -20,12 +20,14 @@ import signal
 import threading
 import time
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from finetune.home import state_db_url
 from finetune.statedb import get_engine
-from monitoring import audit, exporter, runner, store
-from monitoring.lease import Lease, LeaderElector, LeaseSettings
+from finetune import audit
+from monitoring import exporter, runner, store
+from monitoring import loop
+from monitoring.lease import Fence, Lease, LeaderElector, LeaseSettings
 from monitoring.lease import current as current_lease
 from monitoring.config import MonitorConfig
 from monitoring.policy import PolicyConfig
@@ -47,6 +49,14 @@ class ControllerSettings(BaseModel):
     refine: RefineConfig = RefineConfig()
     lease: LeaseSettings = Field(default_factory=LeaseSettings)
 
+    @model_validator(mode="after")
+    def _consistent(self) -> "ControllerSettings":
+        # 0 turns the policy's label guard off on purpose; a guard below what a refinement needs is a mistake
+        if self.policy.mode != "manual" and 0 < self.policy.min_new_labels < self.refine.min_fresh_labels:
+            raise ValueError(f"policy.min_new_labels {self.policy.min_new_labels} < refine.min_fresh_labels "
+                             f"{self.refine.min_fresh_labels}: the policy would start refinements that refuse to run")
+        return self
+
 
 # This process's role once `run()` starts. A monitor pass that was already running when the lease
 # was lost (or could not be renewed in time) still stores its pass, but does not act on it: no
@@ -62,17 +72,31 @@ def monitor_job(monitor: dict, policy: dict | None = None, refine: dict | None =
     """The scheduled monitor pass, then the loop's policy on it (a module-level function: the
     persistent job store references it by name)."""
     from finetune.errors import DriftloopError  # noqa: PLC0415
-    from monitoring import loop  # noqa: PLC0415
 
     engine = get_engine()
     exporter.MONITOR_JOBS.inc()
+    config = MonitorConfig.model_validate(monitor)
     try:
-        stored = runner.monitor_once(engine, MonitorConfig.model_validate(monitor))
-        if policy is not None and not _leading():
-            log.warning("not the leader any more: monitor pass %s stored, policy not applied", stored.to_json().get("run_id"))
-        elif policy is not None:
-            latest = stored.to_json()
-            loop.after_pass(engine, latest, PolicyConfig.model_validate(policy), RefineConfig.model_validate(refine or {}))
+        version = runner.serving_version(engine)
+        new = runner.new_since_last_verdict(engine, version)
+        if new is not None and new < config.min_new_predictions:
+            # no new verdict on re-read rows; the policy still runs on the last one (late labels, schedule mode,
+            # a cooldown that ended), and the drift streak cannot grow
+            exporter.PASSES.labels(outcome="no_new_data").inc()
+            log.info("monitor pass skipped: %s new predictions of %s since the last verdict (< %s)", new, version,
+                     config.min_new_predictions)
+            latest = store.latest(engine, version)
+            latest = runner.with_fresh_labels(engine, config, latest) if latest is not None else None
+        else:
+            latest = runner.monitor_once(engine, config, model_version=version).to_json()
+        if latest is None or policy is None:
+            return
+        if not _leading():
+            log.warning("not the leader any more: monitor pass %s stored, policy not applied", latest.get("run_id"))
+        else:
+            lead = _leadership
+            loop.after_pass(engine, latest, PolicyConfig.model_validate(policy), RefineConfig.model_validate(refine or {}),
+                            fence=lead.fence() if lead is not None else None, scorer=lead.shadow if lead is not None else None)
     except DriftloopError as err:
         log.info("monitor pass skipped: %s", err)
     except Exception:
@@ -120,6 +144,7 @@ class Leadership:
         self.settings = settings
         self.scheduler = None
         self._lock = threading.Lock()
+        self.shadow = loop.ShadowScorer()  # the bake's previous champion, kept between passes
         self.elector = LeaderElector(engine, settings.lease, holder=holder, on_elected=self._elected, on_demoted=self._demoted)
 
     @property
@@ -130,9 +155,14 @@ class Leadership:
     def is_leader(self) -> bool:
         return self.elector.is_leader
 
-    def _elected(self, held: Lease) -> None:
-        from monitoring import loop  # noqa: PLC0415
+    def fence(self) -> Fence | None:
+        """This leader's term, for the production moves of the work it starts; None when not leading."""
+        lease = self.elector.lease
+        if not self.is_leader or lease is None:
+            return None
+        return Fence(lease.name, self.holder, lease.fencing)
 
+    def _elected(self, held: Lease) -> None:
         with self._lock:
             exporter.LEADER.set(1)
             exporter.LEADER_CHANGES.labels(event="elected").inc()
@@ -146,8 +176,6 @@ class Leadership:
             log.info("leader (%s, fencing token %s): scheduler started", self.holder, held.fencing)
 
     def _demoted(self, reason: str) -> None:
-        from monitoring import loop  # noqa: PLC0415
-
         with self._lock:
             exporter.LEADER.set(0)
             exporter.LEADER_CHANGES.labels(event="demoted").inc()
@@ -238,7 +266,8 @@ def build_app(engine, refresher: MetricsRefresher, leadership: Leadership | None
         Route("/metrics", metrics), Route("/healthz", healthz), Route("/status", status),
         Route("/reports/latest", latest_report), Route("/reports/{name}", report),
         *admin_routes(engine, refine=refine, token=admin_token,
-                      is_leader=(lambda: leadership.is_leader) if leadership is not None else None),
+                      is_leader=(lambda: leadership.is_leader) if leadership is not None else None,
+                      fence=leadership.fence if leadership is not None else None),
     ])
 
 

@@ -38,7 +38,7 @@ LAST_PASS = Gauge("driftloop_monitor_last_pass_timestamp_seconds", "Unix time th
 LAST_DURATION = Gauge("driftloop_monitor_last_pass_duration_seconds", "Duration of the last monitor pass", registry=REGISTRY)
 PASS_DURATION = Histogram("driftloop_monitor_pass_duration_seconds", "Duration of monitor passes",
                           buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0), registry=REGISTRY)
-PASSES = Counter("driftloop_monitor_passes_total", "Monitor passes by outcome (ok, insufficient, error)", ["outcome"], registry=REGISTRY)
+PASSES = Counter("driftloop_monitor_passes_total", "Monitor passes by outcome (ok, insufficient, no_new_data: skipped, too few new predictions since the last verdict; error)", ["outcome"], registry=REGISTRY)
 RETRAINS = Counter("driftloop_controller_retrains", "Refinement fine-tunes by outcome (started, succeeded, failed)", ["outcome"], registry=REGISTRY)
 PROMOTIONS = Counter("driftloop_controller_promotions", "Challengers promoted to production by the controller", registry=REGISTRY)
 ROLLBACKS = Counter("driftloop_controller_rollbacks", "Automatic rollbacks of a new champion", registry=REGISTRY)
@@ -50,7 +50,7 @@ MONITOR_JOBS = Counter("driftloop_controller_monitor_jobs", "Scheduled monitor p
                        registry=REGISTRY)
 UP_SINCE = Gauge("driftloop_controller_start_time_seconds", "Unix time the controller started", registry=REGISTRY)
 
-for _outcome in ("ok", "insufficient", "error"):
+for _outcome in ("ok", "insufficient", "no_new_data", "error"):
     PASSES.labels(outcome=_outcome)
 for _outcome in ("started", "succeeded", "failed"):
     RETRAINS.labels(outcome=_outcome)

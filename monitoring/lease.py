@@ -18,6 +18,7 @@ could take over.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import socket
@@ -78,6 +79,38 @@ class Lease:
         return {"name": self.name, "holder": self.holder, "fencing": self.fencing,
                 "acquired_at": self.acquired_at.isoformat() if self.acquired_at else None,
                 "expires_at": self.expires_at.isoformat()}
+
+
+@dataclass(frozen=True)
+class Fence:
+    """A leader's term, carried by the work it starts (a refinement child, a bake rollback): a
+    production move made with it is refused once another holder took the lease (the fencing token
+    moved on), however late the write arrives. `check` runs inside the move's transaction."""
+
+    name: str
+    holder: str
+    token: int
+
+    def to_arg(self) -> str:
+        return json.dumps({"name": self.name, "holder": self.holder, "token": self.token})
+
+    @classmethod
+    def from_arg(cls, arg: str) -> "Fence":
+        data = json.loads(arg)
+        return cls(str(data["name"]), str(data["holder"]), int(data["token"]))
+
+    def check(self, conn: Connection) -> None:
+        """Raise DriftloopError unless this fence's holder still holds the lease in the same term."""
+        from finetune.errors import DriftloopError  # noqa: PLC0415 - keeps this module importable alone
+
+        q = select(leases.c.holder, leases.c.fencing).where(leases.c.name == self.name)
+        if conn.dialect.name != "sqlite":  # SQLite's write lock (taken by the move) already serialises
+            q = q.with_for_update()
+        row = conn.execute(q).first()
+        if row is None or row.fencing != self.token or row.holder != self.holder:
+            now = f"held by {row.holder} with token {row.fencing}" if row is not None else "never taken"
+            raise DriftloopError(f"stale leader: lease {self.name!r} is now {now} (this job has token {self.token}); "
+                                 "production not moved")
 
 
 def ensure_schema(engine: Engine) -> None:

@@ -2,7 +2,7 @@
 
 The refinement runs as a child process (`driftloop refine --json`), one at a time, in a thread of
 the controller, so monitor passes and the service never wait for it. Everything is recorded in the
-audit trail (monitoring/audit.py) and counted on the controller's /metrics.
+audit trail (finetune/audit.py) and counted on the controller's /metrics.
 
 The child dies with the controller (Linux parent-death signal), so a controller killed mid-refinement
 leaves no orphan that could register or promote later; the next controller to lead calls
@@ -27,8 +27,12 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from finetune import alias
-from monitoring import audit, exporter, predlog, store
+from finetune import alias, audit, production, registry
+from finetune.errors import DriftloopError
+from finetune.home import runs_dir
+from monitoring import exporter, predlog, store
+from monitoring.lease import Fence
+from monitoring.paired import PairedComparison, mcnemar_one_sided
 from monitoring.policy import PolicyConfig, Signals, decide
 from monitoring.refine import RefineConfig
 
@@ -97,56 +101,113 @@ def drift_streak(engine: Engine, version: str) -> tuple[int | None, list[int]]:
     return first, runs[::-1]
 
 
+def in_bake(engine: Engine, version: str) -> dict | None:
+    """The promotion event of `version` while its bake has not decided yet, else None (also for a
+    first model: with no previous champion there is nothing to bake against)."""
+    promo = audit.last(engine, "promotion")
+    if promo is None or promo["model_version"] != version or not promo.get("previous"):
+        return None
+    done = audit.history(engine, limit=20, kinds=("bake_passed", "rollback"))
+    if any(e["id"] > promo["id"] and e["model_version"] == version for e in done):
+        return None
+    return promo
+
+
 def gather_signals(engine: Engine, latest: dict, now: dt.datetime | None = None) -> Signals:
     now = now or dt.datetime.now(dt.timezone.utc)
     version = latest["model_version"]
     q = latest.get("quality") or {}
+    ref = latest.get("reference") or {}
     last = audit.last(engine, "retrain_started")
     last_at = dt.datetime.fromisoformat(last["at"]) if last else None
     # count the labels a refinement would train on: those of the current drift streak (else since the last retrain)
     streak_start, _ = drift_streak(engine, version)
+    # the estimate's error: on this window's labelled rows when the pass measured it, else on all of this model's
+    if q.get("estimation_error") is not None:
+        error, error_n = q["estimation_error"], int(q.get("labelled") or 0)
+    else:
+        error, error_n = predlog.estimation_error(engine, version)
+    est_lo, est_hi = q.get("estimated_accuracy_lower"), q.get("estimated_accuracy_upper")
     return Signals(
         now=now, consecutive_drift=store.consecutive_drift(engine, version),
         realized_accuracy=q.get("realized_accuracy"), labelled_in_window=int(q.get("labelled") or 0),
-        estimated_accuracy=q.get("estimated_accuracy"), reference_accuracy=(latest.get("reference") or {}).get("accuracy"),
+        estimated_accuracy=q.get("estimated_accuracy"), reference_accuracy=ref.get("accuracy"),
         new_labels=_labels_since(engine, version, last_at, streak_start), last_retrain_at=last_at,
         retrains_last_24h=audit.count_since(engine, "retrain_started", now - dt.timedelta(hours=24)),
-        retrain_running=refine_running(),
+        retrain_running=refine_running(), reference_n=int(ref.get("accuracy_n") or 0),
+        estimated_se=(est_hi - est_lo) / (2 * 1.959964) if est_lo is not None and est_hi is not None else None,
+        estimation_error=error, estimation_error_n=error_n, in_first_bake=in_bake(engine, version) is not None,
     )
 
 
-def bake_check(engine: Engine, latest: dict, policy: PolicyConfig, epsilon: float) -> str | None:
-    """After a promotion: roll back if the new champion's realized accuracy falls below the old one's by > epsilon."""
-    promo = audit.last(engine, "promotion")
-    if promo is None or promo["model_version"] != latest["model_version"]:
+class ShadowScorer:
+    """The previous champion, loaded in the controller for the bake: it scores the same labelled items
+    the new champion served. Keeps one model at a time and drops it once the bake has decided."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self._tag: str | None = None
+        self._predictor = None
+
+    def correct(self, tag: str, texts: list[str], labels: list[str]) -> list[bool]:
+        if self._tag != tag:
+            self._predictor, self._tag = registry.load_predictor(tag, device=self.device), tag
+        out = self._predictor.predict(texts)
+        names = self._predictor.label_names
+        return [names[i] == y for i, y in zip(out.labels, labels)]
+
+    def release(self) -> None:
+        self._tag = self._predictor = None
+
+
+def bake_check(engine: Engine, latest: dict, policy: PolicyConfig, *, scorer: ShadowScorer | None = None,
+               fence: Fence | None = None) -> str | None:
+    """After a promotion: once the new champion has `bake_labels` labelled items, the previous champion
+    scores the same items and one paired test decides: roll back if the new one is significantly
+    worse (exact one-sided McNemar at `bake_alpha`), else the bake passes. Decided once per promotion."""
+    version = latest["model_version"]
+    promo = in_bake(engine, version)
+    if promo is None:
         return None
-    done = audit.history(engine, limit=20, kinds=("bake_passed", "rollback"))
-    if any(e["id"] > promo["id"] and e["model_version"] == promo["model_version"] for e in done):
+    previous = promo["previous"]
+    items = predlog.labelled_after(engine, version, dt.datetime.fromisoformat(promo["at"]), policy.bake_labels)
+    if len(items) < policy.bake_labels:
         return None
-    q = latest.get("quality") or {}
-    realized, n = q.get("realized_accuracy"), int(q.get("labelled") or 0)
-    old = promo.get("previous_gate_accuracy")
-    if realized is None or n < policy.min_labels or old is None:
-        return None
-    state = alias.current(engine=engine)
-    if state is None or state.tag != promo["model_version"]:
-        return None
-    if realized < old - epsilon:
-        alias.rollback(reason=f"bake: realized accuracy {realized:.3f} < previous champion's {old:.3f} - {epsilon}", actor="controller",
-                       engine=engine)
-        audit.record(engine, "rollback", promo["model_version"], to=promo.get("previous"), realized_accuracy=realized,
-                     labelled=n, previous_gate_accuracy=old)
+    scorer = scorer or ShadowScorer()
+    texts, truth = [t for t, _, _ in items], [f for _, _, f in items]
+    try:
+        old = scorer.correct(previous, texts, truth)
+    except DriftloopError as err:  # the previous model is gone from the store: nothing to compare or return to
+        log.warning("bake of %s: previous champion %s cannot score (%s); bake passed by default", version, previous, err)
+        audit.record(engine, "bake_passed", version, previous=previous, skipped=str(err))
+        return "bake_passed"
+    finally:
+        scorer.release()
+    cmp = PairedComparison.of(old, [served == f for _, served, f in items])
+    p_worse = mcnemar_one_sided(cmp.losses, cmp.gains)  # evidence that the previous champion is better
+    details = {"previous": previous, "paired": cmp.to_json(), "p_value_worse": p_worse, "alpha": policy.bake_alpha}
+    if p_worse <= policy.bake_alpha:
+        reason = (f"bake: on the same {cmp.n} labelled items the new champion scored {cmp.candidate_accuracy:.3f}, the previous "
+                  f"{cmp.incumbent_accuracy:.3f} ({cmp.losses} lost, {cmp.gains} gained, McNemar p={p_worse:.3g} <= {policy.bake_alpha})")
+        try:
+            production.rollback(reason=reason, actor="controller", engine=engine,
+                                fence=fence.check if fence else None, **details)
+        except DriftloopError as err:
+            log.warning("bake rollback of %s refused: %s", version, err)
+            return None
         exporter.ROLLBACKS.inc()
         return "rollback"
-    audit.record(engine, "bake_passed", promo["model_version"], realized_accuracy=realized, labelled=n, previous_gate_accuracy=old)
+    audit.record(engine, "bake_passed", version, **details)
     return "bake_passed"
 
 
-def refine_command(refine: RefineConfig, trigger: str, since_id: int | None, runs: list[int]) -> list[str]:
+def refine_command(refine: RefineConfig, trigger: str, since_id: int | None, runs: list[int], fence: Fence | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "driftloop", "refine", "--json", "--quiet", "--trigger", trigger,
            "--config-json", refine.model_dump_json(), "--monitor-runs", ",".join(map(str, runs)) or "none"]
     if since_id is not None:
         cmd += ["--since-id", str(since_id)]
+    if fence is not None:
+        cmd += ["--fence", fence.to_arg()]
     return cmd
 
 
@@ -175,8 +236,7 @@ def _run_refine(engine: Engine, cmd: list[str], version: str) -> None:
     start_id = latest[0]["id"] if latest else 0
     try:
         exporter.RETRAINS.labels(outcome="started").inc()
-        log_dir = Path(os.environ.get("DRIFTLOOP_HOME", ".")) / "runs"
-        log_dir.mkdir(parents=True, exist_ok=True)
+        log_dir = runs_dir()
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
         with open(log_dir / f"refine-{stamp}.log", "w") as err:
             # this thread starts the child and waits for it: see _pdeathsig_preexec
@@ -214,11 +274,12 @@ def _run_refine(engine: Engine, cmd: list[str], version: str) -> None:
 
 
 def start_refine(engine: Engine, refine: RefineConfig, trigger: str, version: str, since_id: int | None = None,
-                 runs: list[int] | None = None, wait: bool = False) -> bool:
-    """Start a refinement unless one runs; False if one was running."""
+                 runs: list[int] | None = None, wait: bool = False, fence: Fence | None = None) -> bool:
+    """Start a refinement unless one runs; False if one was running. `fence`: the leader's term, which
+    the child checks when it promotes."""
     if not _refine_lock.acquire(blocking=False):
         return False
-    thread = threading.Thread(target=_run_refine, args=(engine, refine_command(refine, trigger, since_id, runs or []), version),
+    thread = threading.Thread(target=_run_refine, args=(engine, refine_command(refine, trigger, since_id, runs or [], fence), version),
                               name="driftloop-refine", daemon=True)
     thread.start()
     if wait:
@@ -275,8 +336,11 @@ def recover_interrupted(engine: Engine, limit: int = 1000) -> int:
     return count
 
 
-def after_pass(engine: Engine, latest: dict, policy: PolicyConfig, refine: RefineConfig) -> dict:
-    """Bake check, then the policy on this pass's signals; may start a refinement. Returns the decision."""
+def after_pass(engine: Engine, latest: dict, policy: PolicyConfig, refine: RefineConfig, *, fence: Fence | None = None,
+               scorer: ShadowScorer | None = None) -> dict:
+    """Bake check, then the policy on this pass's signals; may start a refinement. Returns the decision.
+    `fence` is the leader's term (None for a lone process such as a test); `scorer` keeps the bake's
+    shadow model between passes."""
     version = latest["model_version"]
     current = alias.current(engine=engine)
     if current is None or current.tag != version or latest.get("status") != "ok":
@@ -285,7 +349,7 @@ def after_pass(engine: Engine, latest: dict, policy: PolicyConfig, refine: Refin
         decision = {"action": "skip", "reason": reason}
         audit.record(engine, "policy", version, run_id=latest.get("run_id"), **decision)
         return decision
-    baked = bake_check(engine, latest, policy, refine.gate.epsilon)
+    baked = bake_check(engine, latest, policy, scorer=scorer, fence=fence)
     if baked == "rollback":
         decision = {"action": "skip", "reason": "rolled back the new champion (bake failed)"}
         audit.record(engine, "policy", version, run_id=latest.get("run_id"), **decision)
@@ -297,7 +361,7 @@ def after_pass(engine: Engine, latest: dict, policy: PolicyConfig, refine: Refin
         since_id, runs = drift_streak(engine, version)
         if policy.mode in ("schedule", "performance"):
             since_id = None
-        started = start_refine(engine, refine, d.reason, version, since_id, runs)
+        started = start_refine(engine, refine, d.reason, version, since_id, runs, fence=fence)
         out["started"] = started
     audit.record(engine, "policy", version, **out)
     return out

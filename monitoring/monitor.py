@@ -76,14 +76,15 @@ class PassResult:
             "window_size": self.window_size, "window_first_id": self.window_first_id, "window_last_id": self.window_last_id,
             "window_start": iso(self.window_start), "window_end": iso(self.window_end), "alpha": self.alpha,
             "decision_rule": f"drift when Holm-Bonferroni rejects any test at family-wise alpha={self.alpha}",
-            "tests": [t.to_json() for t in self.tests], "quality": _clean(self.quality), "reference": _clean(self.reference),
+            "tests": [t.to_json() for t in self.tests], "quality": clean(self.quality), "reference": clean(self.reference),
             "duration_s": round(self.duration_s, 3),
         }
 
 
-def _clean(obj):
+def clean(obj):
+    """JSON-safe: NaN and infinities become None."""
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {k: clean(v) for k, v in obj.items()}
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
@@ -91,20 +92,28 @@ def _clean(obj):
 
 @dataclass
 class Reference:
-    """What a model version looked like on its validation data (finetune.profile)."""
+    """What a model version looks like on what it serves (finetune.profile; a refined model's profile
+    is its own view of the traffic it was refined for) and how accurate it is (on its regression
+    suite: every domain it was promoted for, held out; for a first model, its validation split)."""
 
     model_version: str
     label_names: list[str]
     frame: pd.DataFrame
     embeddings: np.ndarray
     accuracy: float | None
+    accuracy_n: int = 0
 
     @classmethod
     def load(cls, model_version: str) -> "Reference":
         model = registry.get(model_version)
         frame, embeddings = profile.load(model.path)
-        val = (model.lineage.get("metrics") or {}).get("val") or {}
-        return cls(model_version, list(model.lineage["label_names"]), frame, embeddings, val.get("accuracy"))
+        ref = model.lineage.get("reference") or {}
+        if ref.get("accuracy") is not None:
+            accuracy, n = float(ref["accuracy"]), int(ref.get("n") or 0)
+        else:  # registered before references were recorded: its validation split
+            val = (model.lineage.get("metrics") or {}).get("val") or {}
+            accuracy, n = val.get("accuracy"), int(val.get("n") or len(frame))
+        return cls(model_version, list(model.lineage["label_names"]), frame, embeddings, accuracy, n)
 
 
 def probability_columns(label_names: list[str]) -> list[str]:
@@ -136,7 +145,8 @@ def _evidently_drift(reference: Reference, window: Window, alpha: float):
     return snapshot, out
 
 
-def _quality(reference: Reference, window: Window, config: MonitorConfig) -> dict:
+def quality(reference: Reference, window: Window, config: MonitorConfig) -> dict:
+    """Realized and estimated quality of a window (NaN where unknown); no drift test."""
     frame = window.frame
     conf = frame["confidence"].to_numpy(dtype=float)
     estimated = float(conf.mean()) if len(conf) else math.nan
@@ -190,12 +200,13 @@ def run_pass(reference: Reference, window: Window, config: MonitorConfig) -> Pas
     result = PassResult(
         model_version=window.model_version, status="insufficient", drift=None, window_size=window.size,
         window_first_id=window.first_id, window_last_id=window.last_id, window_start=window.start, window_end=window.end,
-        alpha=config.alpha, reference={"n": len(reference.frame), "accuracy": reference.accuracy},
+        alpha=config.alpha,
+        reference={"n": len(reference.frame), "accuracy": reference.accuracy, "accuracy_n": reference.accuracy_n},
     )
     if window.size == 0:
         result.duration_s = time.perf_counter() - started
         return result
-    result.quality = _quality(reference, window, config)
+    result.quality = quality(reference, window, config)
     if window.size < config.min_samples:
         result.duration_s = time.perf_counter() - started
         return result

@@ -1,8 +1,17 @@
 """When to retrain: a pure decision over the loop's signals, so every branch is unit-tested.
 
-Default mode "drift proposes, performance confirms": drift in ≥ K consecutive windows, confirmed by
-realized accuracy (with enough labels) or estimated accuracy falling below the champion's reference
-by ≥ a tolerance. Other modes: `drift` only, `performance` only, `schedule` (every N hours), `manual`
+Default mode "drift proposes, performance confirms": drift in ≥ K consecutive windows (each with
+≥ M new predictions: the controller gives no verdict on re-read rows), confirmed by a drop in
+accuracy that is both material (≥ `tolerance`) and significant (one-sided at `alpha`, with the
+reference's interval and the window's):
+
+- realized accuracy decides when the window holds ≥ `min_labels` labels;
+- otherwise the label-free estimate (mean calibrated confidence) may confirm only once corrected by
+  its own error measured on this model's labelled traffic (≥ `min_labels` labels), with that
+  measurement's uncertainty in the interval, and never during the first bake after a promotion. A model is less confident on a new domain even where it is right,
+  and confidence is itself a drift test: unchecked, drift would confirm itself.
+
+Other modes: `drift` only, `performance` only, `schedule` (every N hours), `manual`
 (only `driftloop retrain`). Guards apply to every automatic mode: a cooldown after a retrain, a
 minimum of new labels since the last one, a cap per day; `dry_run` records what would happen.
 """
@@ -10,10 +19,12 @@ minimum of new labels since the last one, a cap per day; `dry_run` records what 
 from __future__ import annotations
 
 import datetime as dt
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from scipy.stats import norm
 
 Mode = Literal["drift_and_performance", "drift", "performance", "schedule", "manual"]
 
@@ -24,7 +35,14 @@ class PolicyConfig(BaseModel):
     mode: Mode = "drift_and_performance"
     consecutive_windows: int = Field(2, ge=1, description="Drifted passes in a row before drift counts (K).")
     tolerance: float = Field(0.03, ge=0, description="Accuracy drop under the champion's reference that confirms a problem.")
-    min_labels: int = Field(50, ge=1, description="Realized accuracy counts only from this many labels in the window.")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="One-sided level at which the accuracy drop must be significant.")
+    min_labels: int = Field(50, ge=1, description=(
+        "Realized accuracy counts only from this many labels in the window; the estimate's error needs as many."))
+    bake_labels: int = Field(200, ge=10, description=(
+        "After a promotion, the previous champion shadow-scores this many labelled items of the new one; "
+        "then one paired test decides keep or roll back. At 200 items a 5-point loss with 10 % disagreement "
+        "(15 items lost, 5 gained) gives McNemar p = 0.02."))
+    bake_alpha: float = Field(0.05, gt=0, lt=0.5, description="Roll back when the paired test says the new champion is worse at this level.")
     min_new_labels: int = Field(100, ge=0, description="Feedback labels needed since the last retrain (training data for the refinement).")
     cooldown_s: float = Field(600.0, ge=0, description="Seconds after a retrain during which no other starts.")
     max_retrains_per_day: int = Field(6, ge=0)
@@ -46,6 +64,11 @@ class Signals:
     last_retrain_at: dt.datetime | None
     retrains_last_24h: int
     retrain_running: bool = False
+    reference_n: int = 0  # items behind the reference accuracy (0: treated as exact)
+    estimated_se: float | None = None  # the estimate's own standard error (calibrated probabilities)
+    estimation_error: float | None = None  # mean confidence − accuracy on this model's labelled traffic
+    estimation_error_n: int = 0
+    in_first_bake: bool = False  # promoted, and the bake has not decided yet
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -65,16 +88,40 @@ class Decision:
         return asdict(self)
 
 
+def _binomial_var(p: float, n: int) -> float:
+    return p * (1 - p) / n if n > 0 else 0.0
+
+
+def _confirmed(drop: float, se: float, c: PolicyConfig) -> tuple[bool, str]:
+    """Material (≥ tolerance) and significant (one-sided z at alpha): (confirmed, '± margin' note)."""
+    half = norm.isf(c.alpha) * se
+    return drop >= c.tolerance and drop - half > 0, f"drop {drop:+.3f}, one-sided {1 - c.alpha:.0%} margin {half:.3f}"
+
+
 def _performance_drop(s: Signals, c: PolicyConfig) -> tuple[bool, str]:
     if s.reference_accuracy is None:
         return False, "no reference accuracy"
+    ref, ref_var = s.reference_accuracy, _binomial_var(s.reference_accuracy, s.reference_n)
     if s.realized_accuracy is not None and s.labelled_in_window >= c.min_labels:
-        drop = s.reference_accuracy - s.realized_accuracy
-        return drop >= c.tolerance, f"realized accuracy {s.realized_accuracy:.3f} vs reference {s.reference_accuracy:.3f} (drop {drop:+.3f})"
-    if s.estimated_accuracy is not None:
-        drop = s.reference_accuracy - s.estimated_accuracy
-        return drop >= c.tolerance, f"estimated accuracy {s.estimated_accuracy:.3f} vs reference {s.reference_accuracy:.3f} (drop {drop:+.3f})"
-    return False, "no accuracy signal"
+        se = math.sqrt(ref_var + _binomial_var(s.realized_accuracy, s.labelled_in_window))
+        ok, note = _confirmed(ref - s.realized_accuracy, se, c)
+        return ok, (f"realized accuracy {s.realized_accuracy:.3f} (n={s.labelled_in_window}) vs reference {ref:.3f} "
+                    f"(n={s.reference_n}): {note}")
+    if s.estimated_accuracy is None:
+        return False, "no accuracy signal"
+    est = f"estimated accuracy {s.estimated_accuracy:.3f} vs reference {ref:.3f}"
+    if s.in_first_bake:
+        return False, f"{est}: an estimate cannot confirm during the first bake after a promotion"
+    if s.estimation_error is None or s.estimation_error_n < c.min_labels:
+        return False, (f"{est}: an estimate cannot confirm until its error is measured on {c.min_labels} labels of this model's "
+                       f"traffic (has {s.estimation_error_n})")
+    # correct the estimate by its bias measured on this model's labelled traffic (confidence − accuracy),
+    # and carry that measurement's own uncertainty (worst case p = 0.5) into the interval
+    corrected = s.estimated_accuracy - s.estimation_error
+    se = math.sqrt(ref_var + (s.estimated_se or 0.0) ** 2 + _binomial_var(0.5, s.estimation_error_n))
+    ok, note = _confirmed(ref - corrected, se, c)
+    return ok, (f"{est}, corrected by its measured error {s.estimation_error:+.3f} (n={s.estimation_error_n}) to "
+                f"{corrected:.3f}: {note}")
 
 
 def decide(s: Signals, c: PolicyConfig) -> Decision:

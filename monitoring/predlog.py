@@ -129,3 +129,38 @@ def count(engine: Engine, model_version: str | None = None) -> int:
         q = q.where(predictions.c.model_version == model_version)
     with engine.connect() as conn:
         return int(conn.execute(q).scalar_one())
+
+
+def recent_texts(engine: Engine, model_version: str, since_id: int | None, limit: int) -> list[str]:
+    """The newest `limit` logged texts of `model_version` (from log id `since_id` on), oldest first:
+    what the model was serving, for a successor's reference profile."""
+    c = predictions.c
+    q = select(c.text).where(c.model_version == model_version, c.text.is_not(None)).order_by(c.id.desc()).limit(limit)
+    if since_id is not None:
+        q = q.where(c.id >= since_id)
+    with engine.connect() as conn:
+        return [t for (t,) in conn.execute(q)][::-1]
+
+
+def labelled_after(engine: Engine, model_version: str, after: dt.datetime, limit: int) -> list[tuple[str, str, str]]:
+    """(text, served label, feedback label) of `model_version`'s predictions logged after `after`
+    that received feedback, oldest first: the items a bake check pairs the old champion on."""
+    c = predictions.c
+    q = (select(c.text, c.label, c.feedback_label)
+         .where(c.model_version == model_version, c.feedback_label.is_not(None), c.text.is_not(None), c.created_at >= after)
+         .order_by(c.id).limit(limit))
+    with engine.connect() as conn:
+        return [(t, y, f) for t, y, f in conn.execute(q)]
+
+
+def estimation_error(engine: Engine, model_version: str) -> tuple[float | None, int]:
+    """(mean confidence − accuracy, n) over every labelled prediction of `model_version`: how far
+    the label-free estimate (mean calibrated confidence) is off on this model's own traffic."""
+    from sqlalchemy import case, func  # noqa: PLC0415
+
+    c = predictions.c
+    q = select(func.avg(c.confidence), func.avg(case((c.label == c.feedback_label, 1.0), else_=0.0)), func.count()) \
+        .where(c.model_version == model_version, c.feedback_label.is_not(None))
+    with engine.connect() as conn:
+        conf, acc, n = conn.execute(q).one()
+    return (None if not n else float(conf) - float(acc)), int(n)

@@ -1,16 +1,25 @@
 """`driftloop refine`: fine-tune the champion on fresh labelled traffic, gate it, promote it or not.
 
+Built to run generation after generation: everything a refinement needs from the past is durable
+(finetune/data_store.py, referenced from each model's lineage), never in scratch.
+
 1. Fresh data: predictions the champion served that received feedback (text stored), deduplicated,
-   optionally from a given log id on (the controller passes the start of the drift streak), split
-   stratified into training rows and a held-out **gate set**.
-2. Replay: a sample of the champion's own training split (`replay_ratio` rows per fresh training row)
-   so the challenger does not forget; optionally self-training rows (confident unlabelled traffic).
-3. Fine-tune **from the champion's weights** (not the base model): short schedule, lower learning
-   rate, early stopping; then average the weights with the champion's (WiSE-FT, finetune/averaging.py:
-   α picked on the refinement's own validation split), which keeps the gain and most of what the
-   champion knew; registered with its lineage (parent, trigger, data window, monitor runs, α).
-4. Gate (monitoring/gate.py) on the gate set (fresh, never trained on) and on the frozen regression
-   set (the champion's validation rows): promote only on a significant gain that forgets ≤ epsilon.
+   optionally from a given log id on (the controller passes the start of the drift streak), minus
+   any text of the regression suite, split stratified into training rows and a held-out **gate set**.
+2. Replay from **every ancestor**: each generation's own rows (generation 0: its training split; a
+   refinement: its fresh labelled rows) are stored; `replay_ratio` rows per fresh training row are
+   shared out equally between the generations (`allocate`), so the first domain is still replayed
+   ten generations later. The lineage records how many rows came from each generation.
+3. Fine-tune **from the champion's weights**: short schedule, lower learning rate, early stopping;
+   then average the weights with the champion's (WiSE-FT, finetune/averaging.py).
+4. The challenger's **reference profile** is what it will serve: its own predictions on the newest
+   traffic of the champion (the drift streak's texts, `reference_rows`, at least
+   `min_reference_rows`); its **reference accuracy** is its accuracy on its regression suite.
+5. Gate (monitoring/gate.py): superiority on the gate set (fresh, never trained on) and
+   non-inferiority on the **cumulative regression suite** (the first champion's held-out rows plus
+   every promoted generation's gate items, never trained on). The challenger's own suite is its
+   champion's plus its gate items, so the suite grows with each promotion.
+6. Promotion through `finetune.production.promote`, fenced with the controller's lease term.
 
 Runs as its own process (the controller starts it), so serving and monitoring never stall.
 """
@@ -20,23 +29,22 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
-import shutil
-import tempfile
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Annotated
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
-from finetune import alias, profile, registry
+from finetune import alias, audit, data_store, production, profile, registry, tokens
 from finetune.averaging import average_with_start
 from finetune.config import TrainConfig, apply_overrides
+from finetune.data_store import DatasetRef, Row
 from finetune.errors import DriftloopError
-from finetune.home import runs_dir
-from monitoring import audit, predlog
+from finetune.registry import RegisteredModel
+from monitoring import predlog
 from monitoring.gate import GateConfig, GateResult, evaluate as gate_evaluate
 
 log = logging.getLogger("driftloop.refine")
@@ -46,9 +54,12 @@ class RefineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     gate_fraction: float = Field(0.3, gt=0, lt=0.9, description="Share of fresh labels held out for the gate.")
-    min_fresh_labels: int = Field(60, ge=2, description="Fewer fresh labels: refuse to refine.")
+    min_fresh_labels: int = Field(100, ge=2, description=(
+        "Fewer fresh labels: refuse to refine. With gate_fraction it fixes the smallest gate set: "
+        "min_fresh_labels x gate_fraction must reach gate.min_gate_items, or the gate could never decide."))
     max_fresh_labels: int = Field(20_000, ge=10)
-    replay_ratio: float = Field(1.0, ge=0, description="Replayed champion training rows per fresh training row.")
+    replay_ratio: float = Field(1.0, ge=0, description=(
+        "Replayed rows per fresh training row, shared equally between all ancestor generations."))
     self_training: bool = Field(False, description="Add confident unlabelled traffic with its predicted label.")
     self_training_min_confidence: float = Field(0.97, gt=0.5, le=1.0)
     self_training_max_rows: int = Field(500, ge=0)
@@ -65,8 +76,28 @@ class RefineConfig(BaseModel):
         "alpha of the average (0 = the champion, 1 = the refined model); several = pick one on the refinement's "
         "validation split. Fixed 0.5 by default: that split (fresh labels + replayed training-split rows) "
         "cannot see forgetting on the old domain's unseen data, and picking on it chose 1.0 in a measured run."))
+    reference_rows: int = Field(1000, ge=10, description=(
+        "The challenger's reference profile: its predictions on this many of the newest texts the champion served."))
+    min_reference_rows: int = Field(200, ge=10, description=(
+        "Fewer logged texts than this: profile the validation split instead (and say so in the lineage). "
+        "At 200 reference rows against a 1,000-row window a KS test at a Holm-corrected 0.001 detects a "
+        "shift of D = 0.15; a refinement's validation split (20-120 rows) only D > 0.26."))
     promote: bool = Field(True, description="Promote when the gate passes (False: register and gate only).")
     gate: GateConfig = GateConfig()
+
+    @model_validator(mode="after")
+    def _can_decide(self) -> "RefineConfig":
+        smallest_gate = int(self.min_fresh_labels * self.gate_fraction)
+        if smallest_gate < self.gate.min_gate_items:
+            raise ValueError(
+                f"min_fresh_labels {self.min_fresh_labels} x gate_fraction {self.gate_fraction} = {smallest_gate} gate items "
+                f"< gate.min_gate_items {self.gate.min_gate_items}: a refinement could train and never pass the gate; "
+                f"raise min_fresh_labels to {-(-self.gate.min_gate_items // self.gate_fraction):.0f}")
+        if self.self_training and not tokens.predict_token_required():
+            raise ValueError(
+                "self_training=true trains on /predict traffic, which is anonymous unless the service requires the predict "
+                f"token: set {tokens.REQUIRE_PREDICT_ENV}=true for the service and the controller, or turn self_training off")
+        return self
 
 
 def fresh_labelled(engine: Engine, model_version: str, since_id: int | None, limit: int) -> list[tuple[int, str, str]]:
@@ -118,10 +149,104 @@ def correct_flags(predictor, texts: list[str], labels: list[str]) -> np.ndarray:
     return np.array([names[i] == y for i, y in zip(out.labels, labels)], dtype=bool)
 
 
+# --------------------------------------------------------------------------- durable data lineage
+
+
+def ancestry(champion: RegisteredModel) -> list[RegisteredModel]:
+    """The champion, its parent, ... up to the first model (or the first ancestor no longer in the store)."""
+    chain, seen, model = [], set(), champion
+    while model is not None and model.tag not in seen:
+        chain.append(model)
+        seen.add(model.tag)
+        parent = model.lineage.get("parent")
+        if not parent:
+            break
+        try:
+            model = registry.get(parent)
+        except DriftloopError as err:
+            log.warning("ancestry of %s stops at %s: %s", champion.tag, model.tag, err)
+            break
+    return chain
+
+
+def generation_of(model: RegisteredModel) -> int:
+    gen = (model.lineage.get("data_lineage") or {}).get("generation")
+    return int(gen) if gen is not None else len(ancestry(model)) - 1
+
+
+def own_rows(model: RegisteredModel, label_names: list[str]) -> list[Row]:
+    """The rows this generation added: its stored dataset; for a model registered before datasets
+    were stored, its training split re-derived from its config (if that file still exists)."""
+    ref = DatasetRef.from_json((model.lineage.get("data_lineage") or {}).get("own"))
+    if ref is not None:
+        return data_store.get(ref)
+    from finetune.pipeline import load_data  # noqa: PLC0415 - see run()
+
+    try:
+        data = load_data(TrainConfig.model_validate(model.lineage["config"]), label_names=label_names)
+    except DriftloopError as err:
+        log.warning("no replay rows from %s (registered without a stored dataset; %s)", model.tag, err)
+        return []
+    return [(t, label_names[y]) for t, y in zip(data.train.texts, data.train.labels)]
+
+
+def regression_suite(model: RegisteredModel) -> list[Row]:
+    """The model's cumulative regression suite; for an older model, its reference (validation) rows."""
+    ref = DatasetRef.from_json((model.lineage.get("data_lineage") or {}).get("regression_suite"))
+    if ref is not None:
+        return data_store.get(ref)
+    frame, _ = profile.load(model.path)
+    return list(zip(frame["text"].tolist(), frame["label"].tolist()))
+
+
+def allocate(budget: int, sizes: dict[str, int]) -> dict[str, int]:
+    """Share `budget` rows equally between generations, capped by what each has (water-filling):
+    every past domain keeps an equal voice however many generations ago it was learnt."""
+    out = {key: 0 for key in sizes}
+    left = {key: n for key, n in sizes.items() if n > 0}
+    remaining = budget
+    while remaining > 0 and left:
+        share = max(1, remaining // len(left))
+        for key in sorted(left, key=lambda k: left[k]):
+            take = min(share, left[key], remaining)
+            out[key] += take
+            left[key] -= take
+            remaining -= take
+            if remaining == 0:
+                break
+        left = {key: n for key, n in left.items() if n > 0}
+    return out
+
+
+def replay_rows(chain: list[RegisteredModel], label_names: list[str], budget: int, exclude: set[str],
+                seed: int) -> tuple[list[Row], dict[str, int]]:
+    """Rows replayed from every generation in `chain` (minus `exclude`d texts), and how many from each."""
+    pools = {}
+    for model in chain:
+        rows = [(t, y) for t, y in own_rows(model, label_names) if t not in exclude and y in label_names]
+        random.Random(f"{seed}:{model.tag}").shuffle(rows)
+        pools[model.tag] = rows
+    counts = allocate(budget, {tag: len(rows) for tag, rows in pools.items()})
+    picked = [row for tag, rows in pools.items() for row in rows[:counts[tag]]]
+    return picked, {tag: n for tag, n in counts.items()}
+
+
+def _replacing(champion: str) -> Callable[[Connection], None]:
+    """A check inside the promotion's transaction: production still serves the champion we refined."""
+    def check(conn: Connection) -> None:
+        state = conn.execute(select(alias.model_alias.c.tag).where(alias.model_alias.c.alias == alias.PRODUCTION)).scalar()
+        if state != champion:
+            raise DriftloopError(f"production moved to {state} meanwhile: not promoting")
+    return check
+
+
 def run(engine: Engine, config: RefineConfig, *, trigger: str = "manual", since_id: int | None = None,
-        monitor_runs: list[int] | None = None, quiet: bool = True) -> dict:
-    """The whole refinement; returns a JSON summary (also recorded in the audit trail)."""
-    from finetune.pipeline import build_lineage, evaluate, load_data, register_fitted  # noqa: PLC0415
+        monitor_runs: list[int] | None = None, quiet: bool = True, fence: Callable[[Connection], None] | None = None) -> dict:
+    """The whole refinement; returns a JSON summary (also recorded in the audit trail). `fence` is
+    the controller's lease check, run inside the promotion's transaction."""
+    # torch and transformers load here, not when the controller imports RefineConfig
+    from finetune.inference import Predictor  # noqa: PLC0415
+    from finetune.pipeline import build_lineage, evaluate, load_data, predict_calibrated, register_fitted  # noqa: PLC0415
     from finetune.training import fit  # noqa: PLC0415
 
     started = time.perf_counter()
@@ -131,40 +256,30 @@ def run(engine: Engine, config: RefineConfig, *, trigger: str = "manual", since_
         raise DriftloopError("no production model to refine: train and promote one first")
     champion = registry.get(state.tag)
     label_names = list(champion.lineage["label_names"])
+    suite = [(t, y) for t, y in regression_suite(champion) if y in label_names]
+    suite_texts = {t for t, _ in suite}
 
     fresh = fresh_labelled(engine, champion.tag, since_id, config.max_fresh_labels)
-    fresh = [r for r in fresh if r[2] in label_names]
+    fresh = [r for r in fresh if r[2] in label_names and r[1] not in suite_texts]
     if len(fresh) < config.min_fresh_labels:
         raise DriftloopError(f"only {len(fresh)} fresh labelled predictions of {champion.tag} with text"
                              f"{f' since log id {since_id}' if since_id else ''} (< {config.min_fresh_labels})")
     fresh_train, gate_rows = stratified_split(fresh, key=lambda r: r[2], fraction=config.gate_fraction, seed=config.seed)
+    gate_texts = {t for _, t, _ in gate_rows}
 
-    # replay: the champion's own training split, re-derived from its lineage (same data, seed, split)
-    champ_cfg = TrainConfig.model_validate(champion.lineage["config"])
-    replay: list[tuple[str, str]] = []
-    if config.replay_ratio > 0:
-        try:
-            champ_data = load_data(champ_cfg, label_names=label_names)
-            pool = list(zip(champ_data.train.texts, (label_names[y] for y in champ_data.train.labels)))
-            random.Random(config.seed).shuffle(pool)
-            replay = pool[: int(round(len(fresh_train) * config.replay_ratio))]
-        except DriftloopError as err:
-            log.warning("no replay data (champion's training data unavailable: %s)", err)
+    chain = ancestry(champion)
+    budget = int(round(len(fresh_train) * config.replay_ratio))
+    replay, replay_by_generation = replay_rows(chain, label_names, budget, suite_texts | gate_texts, config.seed)
+    if budget and not replay:
+        log.warning("no replay rows from any of %d ancestor generation(s)", len(chain))
     pseudo = confident_unlabelled(engine, champion.tag, since_id, config.self_training_min_confidence,
                                   config.self_training_max_rows) if config.self_training else []
-
-    # scratch under $DRIFTLOOP_HOME/runs (safe to delete when nothing runs), removed when the refinement ends
-    work = Path(tempfile.mkdtemp(prefix="refine-", dir=runs_dir()))
-    train_file = work / "refine.tsv"
-    gate_texts = {t for _, t, _ in gate_rows}
-    mix = [(t, y) for _, t, y in fresh_train] + replay + [(t, y) for t, y in pseudo if t not in gate_texts]
-    with open(train_file, "w", encoding="utf-8") as fh:
-        fh.write("text\tlabel\n")
-        for text, label in mix:
-            fh.write(f"{' '.join(text.split())}\t{label}\n")
+    own = [(t, y) for _, t, y in fresh_train]
+    mix = own + replay + [(t, y) for t, y in pseudo if t not in gate_texts and t not in suite_texts]
+    own_ref, mix_ref = data_store.put(own), data_store.put(mix)
 
     overrides = {
-        "data.path": str(train_file), "data.text_column": "text",
+        "data.path": str(data_store.path_of(mix_ref)), "data.text_column": "text",
         "data.label_column": "label", "data.val_fraction": config.val_fraction,
         "training.epochs": config.epochs, "training.learning_rate": config.learning_rate,
         "training.batch_size": config.batch_size, "training.early_stopping_patience": config.early_stopping_patience,
@@ -175,53 +290,81 @@ def run(engine: Engine, config: RefineConfig, *, trigger: str = "manual", since_
     raw["data"].update({"test_path": None, "max_rows": None})  # apply_overrides skips None values
     cfg = TrainConfig.model_validate(raw)
     audit.record(engine, "retrain_started", champion.tag, trigger=trigger, since_id=since_id, monitor_runs=monitor_runs or [],
-                 fresh_train=len(fresh_train), gate=len(gate_rows), replay=len(replay), self_training=len(pseudo))
+                 fresh_train=len(fresh_train), gate=len(gate_rows), replay=len(replay), self_training=len(pseudo),
+                 replay_by_generation=replay_by_generation, regression_suite=len(suite))
     data = load_data(cfg, label_names=label_names)
     fitted = fit(cfg, data, init_from=str(champion.path), quiet=quiet, progress=not quiet)
     averaging = None
+    champ_pred = registry.load_predictor(champion.tag, device="cpu")
     if config.weight_averaging:
-        start_state = registry.load_predictor(champion.tag, device="cpu").model.state_dict()
-        averaging = average_with_start(fitted.model, start_state, fitted.tokenizer, label_names, data.val,
+        averaging = average_with_start(fitted.model, champ_pred.model.state_dict(), fitted.tokenizer, label_names, data.val,
                                        config.averaging_alphas, max_length=cfg.model.max_length).to_json()
         log.info("weight averaging with the champion: alpha %s (validation accuracy by alpha %s)",
                  averaging["alpha"], averaging["val_accuracy_by_alpha"])
     ev = evaluate(cfg, fitted, data)
+
+    # gate items and the regression suite, scored by both models on the same items
+    chall_pred = Predictor(fitted.model, fitted.tokenizer, label_names, max_length=cfg.model.max_length)
+    g_texts, g_labels = [t for _, t, _ in gate_rows], [y for _, _, y in gate_rows]
+    r_texts, r_labels = [t for t, _ in suite], [y for _, y in suite]
+    flags = {name: (correct_flags(champ_pred, texts, labels), correct_flags(chall_pred, texts, labels))
+             for name, texts, labels in (("fresh", g_texts, g_labels), ("suite", r_texts, r_labels))}
+    new_suite = suite + [(t, y) for _, t, y in gate_rows]
+    suite_ref = data_store.put(new_suite)
+    chall_suite_correct = np.concatenate([flags["suite"][1], flags["fresh"][1]])
+
+    # the reference: what the challenger will serve (the champion's newest traffic), as it sees it
+    ref_texts = predlog.recent_texts(engine, champion.tag, since_id, config.reference_rows)
+    reference = None
+    if len(ref_texts) >= config.min_reference_rows:
+        known = {t: label_names.index(y) for _, t, y in fresh}
+        preds = predict_calibrated(cfg, fitted, label_names, ref_texts, ev.temperature)
+        reference = (ref_texts, [known.get(t) for t in ref_texts], preds)
+        profile_source = f"newest {len(ref_texts)} texts served by {champion.tag}" + (f" from log id {since_id}" if since_id else "")
+    else:
+        profile_source = f"validation split (only {len(ref_texts)} logged texts < {config.min_reference_rows})"
+        log.warning("reference profile from the validation split: %s", profile_source)
+    generation = generation_of(champion) + 1
+    data_lineage = {
+        "generation": generation, "own": own_ref.to_json(), "mix": mix_ref.to_json(),
+        "replay_by_generation": replay_by_generation, "fresh_rows": len(own), "self_training_rows": len(pseudo),
+        "regression_suite": suite_ref.to_json(),
+        "regression_suite_parts": {"inherited": len(suite), "gate_items": len(gate_rows)},
+    }
+    reference_info = {"accuracy": float(chall_suite_correct.mean()) if chall_suite_correct.size else None,
+                      "n": int(chall_suite_correct.size), "source": "regression suite",
+                      "profile_rows": len(reference[0]) if reference else len(data.val), "profile_source": profile_source}
     refinement = {
         "trigger": trigger, "parent": champion.tag, "since_id": since_id, "monitor_runs": monitor_runs or [],
         "fresh_labels": len(fresh), "fresh_train": len(fresh_train), "gate_items": len(gate_rows),
         "fresh_log_ids": [fresh[0][0], fresh[-1][0]], "replay_rows": len(replay), "self_training_rows": len(pseudo),
         "refine_config": config.model_dump(mode="json"), "weight_averaging": averaging,
     }
-    lineage = build_lineage(cfg, fitted, data, ev, champion.tag, started, extra={"refinement": refinement})
-    outcome = register_fitted(cfg, fitted, data, ev, lineage)
+    lineage = build_lineage(cfg, fitted, data, ev, champion.tag, started,
+                            extra={"refinement": refinement, "data_lineage": data_lineage, "reference": reference_info})
+    outcome = register_fitted(cfg, fitted, data, ev, lineage, reference=reference)
     challenger_tag = outcome.tag
+    registry.load_verified(challenger_tag)  # a challenger that does not load from the store fails the refinement here
 
-    # gate: same items for both models
-    champ_pred = registry.load_predictor(champion.tag)
-    chall_pred = registry.load_verified(challenger_tag)  # a challenger that does not load fails the refinement here
-    g_texts, g_labels = [t for _, t, _ in gate_rows], [y for _, _, y in gate_rows]
-    reg_frame, _ = profile.load(champion.path)
-    r_texts, r_labels = reg_frame["text"].tolist(), reg_frame["label"].tolist()
-    result: GateResult = gate_evaluate(correct_flags(champ_pred, g_texts, g_labels), correct_flags(chall_pred, g_texts, g_labels),
-                                       correct_flags(champ_pred, r_texts, r_labels), correct_flags(chall_pred, r_texts, r_labels),
-                                       config.gate)
+    result: GateResult = gate_evaluate(flags["fresh"][0], flags["fresh"][1], flags["suite"][0], flags["suite"][1], config.gate)
     audit.record(engine, "gate", challenger_tag, champion=champion.tag, **result.to_json())
     promoted = False
     if result.passed and config.promote:
-        current = alias.current(engine=engine)
-        if current is None or current.tag != champion.tag:
-            result.reasons.append(f"production moved to {current.tag if current else None} meanwhile: not promoting")
-        else:
-            alias.promote(challenger_tag, reason=f"refinement gate passed ({trigger})", actor="controller", engine=engine)
+        checks = [c for c in (fence, _replacing(champion.tag)) if c is not None]
+        try:
+            production.promote(challenger_tag, reason=f"refinement gate passed ({trigger})", actor="controller", engine=engine,
+                               fence=lambda conn: [check(conn) for check in checks], verify=False,
+                               previous_gate_accuracy=result.champion_fresh_accuracy, gate_accuracy=result.challenger_fresh_accuracy)
             promoted = True
-            audit.record(engine, "promotion", challenger_tag, previous=champion.tag,
-                         previous_gate_accuracy=result.champion_fresh_accuracy, gate_accuracy=result.challenger_fresh_accuracy)
+        except DriftloopError as err:
+            result.reasons.append(str(err))
+            log.warning("not promoted: %s", err)
     summary = {
         "challenger": challenger_tag, "champion": champion.tag, "promoted": promoted, "gate": result.to_json(),
-        "refinement": refinement, "val_metrics": outcome.metrics.get("val"), "seconds": round(time.perf_counter() - started, 1),
+        "refinement": refinement, "data_lineage": data_lineage, "reference": reference_info,
+        "val_metrics": outcome.metrics.get("val"), "seconds": round(time.perf_counter() - started, 1),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
     audit.record(engine, "retrain_succeeded", challenger_tag, promoted=promoted, seconds=summary["seconds"],
-                 gate_passed=result.passed, reasons=result.reasons)
-    shutil.rmtree(work, ignore_errors=True)
+                 gate_passed=result.passed, reasons=result.reasons, generation=generation)
     return summary

@@ -17,7 +17,7 @@ from finetune.errors import DriftloopError
 from finetune.home import driftloop_home
 from monitoring import predlog, store, window
 from monitoring.config import MonitorConfig
-from monitoring.monitor import PassResult, Reference, run_pass, save_report
+from monitoring.monitor import PassResult, Reference, clean, quality, run_pass, save_report
 
 log = logging.getLogger("driftloop.monitor")
 WORKSPACE_PROJECT = "driftloop monitor"
@@ -70,6 +70,26 @@ def _add_to_workspace(result: PassResult) -> None:
     projects = ws.search_project(WORKSPACE_PROJECT)
     project = projects[0] if projects else ws.create_project(WORKSPACE_PROJECT, description="driftloop monitor passes")
     ws.add_run(project.id, result.snapshot, include_data=False)
+
+
+def new_since_last_verdict(engine: Engine, version: str) -> int | None:
+    """Predictions of `version` logged after the window of its newest pass with a verdict (None: no such pass)."""
+    store.ensure_schema(engine)
+    last = store.last_verdict(engine, version)
+    if last is None or last["window_last_id"] is None:
+        return None
+    return window.count_since(engine, version, last["window_last_id"])
+
+
+def with_fresh_labels(engine: Engine, config: MonitorConfig, stored: dict) -> dict:
+    """A stored pass with its quality recomputed on the same window: feedback arrives late, so the
+    labels of a window keep coming after its verdict. No new drift verdict (same rows), nothing stored."""
+    if not stored.get("window_size") or stored.get("window_last_id") is None:
+        return stored
+    reference = reference_for(stored["model_version"])
+    win = window.load(engine, stored["model_version"], reference.label_names, last=stored["window_size"],
+                      up_to_id=stored["window_last_id"])
+    return {**stored, "quality": clean(quality(reference, win, config))}
 
 
 def monitor_once(engine: Engine, config: MonitorConfig, model_version: str | None = None) -> StoredPass:

@@ -92,6 +92,15 @@ def recent(engine: Engine, limit: int = 20, model_version: str | None = None) ->
         return [_row_json(r) for r in conn.execute(q).all()]
 
 
+def last_verdict(engine: Engine, model_version: str) -> dict | None:
+    """The newest pass of this version that gave a verdict (status ok)."""
+    q = (select(monitor_runs).where(monitor_runs.c.model_version == model_version, monitor_runs.c.status == "ok")
+         .order_by(monitor_runs.c.id.desc()).limit(1))
+    with engine.connect() as conn:
+        row = conn.execute(q).first()
+    return _row_json(row) if row else None
+
+
 def consecutive_drift(engine: Engine, model_version: str, limit: int = 1000) -> int:
     """How many of this version's newest passes with a verdict drifted in a row."""
     q = (select(monitor_runs.c.drift).where(monitor_runs.c.model_version == model_version, monitor_runs.c.status == "ok")

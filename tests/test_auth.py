@@ -269,7 +269,7 @@ def test_admin_api_needs_the_admin_token(admin):
 
 def test_admin_promote_and_rollback_with_the_cli_checks(admin):
     from finetune import alias
-    from monitoring import audit
+    from finetune import audit
 
     client, engine = admin
     first, second = _fake_model("admin-api-test"), _fake_model("admin-api-test")
@@ -304,7 +304,8 @@ def test_admin_bad_bodies_are_400_with_a_message(admin, raw, message):
 
 def test_admin_retrain_starts_one_refinement_at_a_time(admin, monkeypatch):
     from finetune import alias
-    from monitoring import audit, loop
+    from finetune import audit
+    from monitoring import loop
 
     client, engine = admin
     assert _admin(client, "/admin/retrain").status_code == 409  # no production model

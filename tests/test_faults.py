@@ -51,9 +51,10 @@ def _engine(home: Path):
 
 
 def _copy_home(src: Path, dst: Path) -> Path:
-    """A second home with the same models and state (the DB through SQLite's online backup)."""
+    """A second home with the same models, datasets and state (the DB through SQLite's online backup)."""
     dst.mkdir(parents=True)
     shutil.copytree(src / "bentoml" / "models", dst / "bentoml" / "models")
+    shutil.copytree(src / "bentoml" / "datasets", dst / "bentoml" / "datasets")  # the models' lineage points into it
     with sqlite3.connect(src / "state.db") as a, sqlite3.connect(dst / "state.db") as b:
         a.backup(b)
     return dst
@@ -85,13 +86,13 @@ def _production(home: Path) -> str | None:
 
 
 def _events(home: Path, *kinds: str, after: int = 0) -> list[dict]:
-    from monitoring import audit
+    from finetune import audit
 
     return [e for e in audit.history(_engine(home), limit=200, kinds=kinds or None) if e["id"] > after][::-1]
 
 
 def _last_event_id(home: Path) -> int:
-    from monitoring import audit
+    from finetune import audit
 
     latest = audit.history(_engine(home), limit=1)
     return latest[0]["id"] if latest else 0
@@ -191,11 +192,11 @@ class Controller:
 
 def _refine_sets(home: Path, epochs: int) -> list[str]:
     """A schedule policy that retrains at the next pass, exactly once more than the day's retrains so far."""
-    from monitoring import audit
+    from finetune import audit
 
     done = audit.count_since(_engine(home), "retrain_started", dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=24))
     return ["policy.mode=schedule", "policy.schedule_every_h=0.0001", "policy.cooldown_s=0", "policy.min_new_labels=0",
-            f"policy.max_retrains_per_day={done + 1}", "refine.min_fresh_labels=20", f"refine.epochs={epochs}",
+            f"policy.max_retrains_per_day={done + 1}", "refine.min_fresh_labels=20", "refine.gate.min_gate_items=6", f"refine.epochs={epochs}",
             "refine.early_stopping_patience=0"]
 
 
@@ -351,7 +352,7 @@ def test_corrupt_challenger_is_refused_by_the_gate_by_promote_and_by_the_service
     env.pop("BENTOML_HOME", None)
     env.pop("DRIFTLOOP_DB_URL", None)
     proc = subprocess.run([sys.executable, "-c", INJECT_CORRUPTION, "refine", "--json", "--quiet", "--set", "epochs=1",
-                           "--set", "min_fresh_labels=20"], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+                           "--set", "min_fresh_labels=20", "--set", "gate.min_gate_items=6"], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: model driftloop-classifier:") and "does not load" in last, proc.stderr[-3000:]
@@ -429,7 +430,8 @@ def test_refinement_killed_like_by_the_oom_killer_is_recorded_and_exported_and_t
 
 def test_recover_interrupted_records_each_open_refinement_once(db_url):
     from finetune.statedb import get_engine
-    from monitoring import audit, exporter, loop
+    from finetune import audit
+    from monitoring import exporter, loop
 
     engine = get_engine()
     failed = exporter.RETRAINS.labels(outcome="failed")

@@ -232,7 +232,7 @@ def test_controller_runs_scheduled_passes_keeps_its_schedule_across_restarts_and
         port = free_port()
         with open(log_path, "w") as log:
             proc = subprocess.Popen([sys.executable, "-m", "driftloop", "controller", "--port", str(port), "--monitor-interval", "1",
-                                     "--min-samples", "50"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     "--min-samples", "50", "--window", "60", "--set", "monitor.min_new_predictions=50"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
             try:
                 deadline = time.time() + 90
@@ -267,6 +267,9 @@ def test_controller_runs_scheduled_passes_keeps_its_schedule_across_restarts_and
         return status["last_monitor_pass"]
 
     first = run_controller(home / "controller-1.log", 0)
+    # new traffic, so the next scheduled pass has new predictions to give a verdict on
+    more = [(line.split("\t")[0], 0) for line in demo.read_text(encoding="utf-8").splitlines()[61:121]]
+    _log_traffic(home, out["model"], more)
     # a restarted controller finds its schedule in the state DB (one job, not two) and goes on
     second = run_controller(home / "controller-2.log", first["run_id"])
     assert second["run_id"] > first["run_id"]

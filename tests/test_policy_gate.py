@@ -15,7 +15,8 @@ NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.timezone.utc)
 
 def signals(**kw) -> Signals:
     base = dict(now=NOW, consecutive_drift=3, realized_accuracy=0.70, labelled_in_window=100, estimated_accuracy=0.90,
-                reference_accuracy=0.92, new_labels=500, last_retrain_at=None, retrains_last_24h=0)
+                reference_accuracy=0.92, new_labels=500, last_retrain_at=None, retrains_last_24h=0, reference_n=600,
+                estimated_se=0.01, estimation_error=0.0, estimation_error_n=200)
     base.update(kw)
     return Signals(**base)
 
@@ -40,6 +41,38 @@ def test_too_few_labels_falls_back_to_estimated_accuracy():
     assert decide(signals(labelled_in_window=10, estimated_accuracy=0.91), cfg).action == "skip"
     d = decide(signals(labelled_in_window=10, estimated_accuracy=0.80), cfg)
     assert d.action == "retrain" and "estimated accuracy" in d.reason
+
+
+def test_a_drop_must_be_significant_with_both_intervals_not_just_past_the_tolerance():
+    cfg = PolicyConfig(tolerance=0.03, alpha=0.05)
+    # 5 points down on 60 labels against a 120-item reference: se ≈ 0.047, not significant
+    noisy = decide(signals(realized_accuracy=0.85, labelled_in_window=60, reference_accuracy=0.90, reference_n=120), cfg)
+    assert noisy.action == "skip" and "not confirmed" in noisy.reason
+    # the same drop on 800 labels against 800 reference items is significant
+    clear = decide(signals(realized_accuracy=0.85, labelled_in_window=800, reference_accuracy=0.90, reference_n=800), cfg)
+    assert clear.action == "retrain"
+    # significant but below the tolerance: not material
+    small = decide(signals(realized_accuracy=0.88, labelled_in_window=20000, reference_accuracy=0.90, reference_n=20000), cfg)
+    assert small.action == "skip"
+
+
+def test_the_estimate_confirms_only_within_its_measured_error_and_never_in_the_first_bake():
+    cfg = PolicyConfig(min_labels=50, tolerance=0.03)
+    few = dict(labelled_in_window=10, estimated_accuracy=0.80, reference_accuracy=0.92)
+    unmeasured = decide(signals(**few, estimation_error=None, estimation_error_n=0), cfg)
+    assert unmeasured.action == "skip" and "until its error is measured" in unmeasured.reason
+    barely = decide(signals(**few, estimation_error=0.0, estimation_error_n=20), cfg)
+    assert barely.action == "skip" and "has 20" in barely.reason
+    # a model 10 points under-confident on its own labelled traffic: the 12-point "drop" is mostly that
+    under = decide(signals(**few, estimation_error=-0.10, estimation_error_n=300), cfg)
+    assert under.action == "skip" and "measured error -0.100" in under.reason
+    # over-confident by 10 points: the estimate hides a larger drop, which the correction reveals
+    over = decide(signals(labelled_in_window=10, estimated_accuracy=0.92, reference_accuracy=0.92,
+                          estimation_error=0.10, estimation_error_n=300), cfg)
+    assert over.action == "retrain" and "to 0.820" in over.reason
+    baking = decide(signals(**few, in_first_bake=True), cfg)
+    assert baking.action == "skip" and "first bake" in baking.reason
+    assert decide(signals(**few), cfg).action == "retrain"
 
 
 def test_cooldown_min_new_labels_and_daily_cap_block_a_retrain():
@@ -105,9 +138,40 @@ def test_gate_refuses_forgetting_and_too_small_gains_and_too_few_items():
     champion, challenger = _flags(100, 60), _flags(100, 90)
     forgot = evaluate(champion, challenger, _flags(200, 190), _flags(200, 180), GateConfig(epsilon=0.01))
     assert not forgot.passed and any("regression" in x for x in forgot.reasons)
+    assert forgot.regression_losses == 10 and forgot.regression_p_value > 0.5
     small = evaluate(_flags(100, 80), _flags(100, 80), _flags(10, 9), _flags(10, 9), GateConfig(delta=0.01))
     assert not small.passed and any("delta" in x for x in small.reasons)
     few = evaluate(_flags(10, 2), _flags(10, 10), _flags(10, 9), _flags(10, 9), GateConfig(min_gate_items=30))
     assert not few.passed and "no decision" in few.reasons[0]
     with pytest.raises(ValueError):
         evaluate(_flags(10, 2), _flags(11, 2), _flags(1, 1), _flags(1, 1), GateConfig())
+
+
+def test_gate_non_inferiority_needs_a_suite_large_enough_to_decide():
+    champion, challenger = _flags(100, 60), _flags(100, 90)
+    # identical answers on the suite: 60 items cannot bound a 2-point loss, 600 can
+    small = evaluate(champion, challenger, _flags(60, 50), _flags(60, 50), GateConfig(epsilon=0.02))
+    assert not small.passed and any("non-inferiority" in x for x in small.reasons), small.reasons
+    large = evaluate(champion, challenger, _flags(600, 500), _flags(600, 500), GateConfig(epsilon=0.02))
+    assert large.passed, large.reasons
+    # 1 point lost on 600 items (6 lost, 0 gained): within a 2-point margin, shown
+    lost_one = _flags(600, 500)
+    lost_one[:6] = False
+    assert evaluate(champion, challenger, _flags(600, 500), lost_one, GateConfig(epsilon=0.02)).passed
+    empty = evaluate(champion, challenger, _flags(0, 0), _flags(0, 0), GateConfig())
+    assert not empty.passed and any("no regression suite" in x for x in empty.reasons)
+
+
+def test_non_inferiority_test_holds_its_size_at_the_margin_and_has_power_inside_it():
+    from monitoring.paired import noninferiority_n, noninferiority_p
+
+    rng = np.random.default_rng(7)
+    n, margin, alpha, rounds = 600, 0.02, 0.05, 3000
+    at_margin = rng.multinomial(n, [0.02, 0.04, 0.94], size=rounds)  # challenger exactly 2 points worse
+    size = np.mean([noninferiority_p(g, l_, n, margin) < alpha for g, l_, _ in at_margin])
+    assert 0.03 < size < 0.07, size  # the chance of promoting a model that forgot the margin ≈ alpha
+    needed = noninferiority_n(margin, 0.04, alpha, 0.8)  # equally good models that disagree on 4 % of items
+    assert 550 < needed < 700
+    equal = rng.multinomial(needed, [0.02, 0.02, 0.96], size=rounds)
+    power = np.mean([noninferiority_p(g, l_, needed, margin) < alpha for g, l_, _ in equal])
+    assert 0.74 < power < 0.9, power  # the 80 % the sample-size formula promises

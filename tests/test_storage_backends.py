@@ -177,7 +177,7 @@ def test_first_promotions_racing_on_an_empty_table_both_land(state_db_url):
 # -- audit trail, monitor runs, tuning trials ------------------------------------------------------
 
 def test_audit_trail_order_details_and_time_filters(state_db_url):
-    from monitoring import audit
+    from finetune import audit
 
     engine = _engine(state_db_url)
     first = audit.record(engine, "policy", "m:1", action="skip", reason="x" * 3000, signals={"n": 1})

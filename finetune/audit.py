@@ -11,7 +11,7 @@ import datetime as dt
 import json
 
 from sqlalchemy import Column, Integer, MetaData, String, Table, Text, func, insert, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from finetune.statedb import UTCDateTime, create_tables
 
@@ -33,12 +33,19 @@ def ensure_schema(engine: Engine) -> None:
     create_tables(metadata, engine)
 
 
+def record_in(conn: Connection, kind: str, model_version: str | None = None, **details) -> int:
+    """Write one event inside the caller's transaction (a production move writes it with the pointer)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown audit event kind {kind!r}; one of {', '.join(KINDS)}")
+    row = conn.execute(insert(events).values(at=dt.datetime.now(dt.timezone.utc), kind=kind, model_version=model_version,
+                                             details=json.dumps(details, default=str)))
+    return int(row.inserted_primary_key[0])
+
+
 def record(engine: Engine, kind: str, model_version: str | None = None, **details) -> int:
     ensure_schema(engine)
     with engine.begin() as conn:
-        row = conn.execute(insert(events).values(at=dt.datetime.now(dt.timezone.utc), kind=kind, model_version=model_version,
-                                                 details=json.dumps(details, default=str)))
-        return int(row.inserted_primary_key[0])
+        return record_in(conn, kind, model_version, **details)
 
 
 def _json(row) -> dict:

@@ -1,0 +1,93 @@
+"""Paired tests for every comparison that moves production (gate, bake, rollback).
+
+Both models are scored on the *same* items, so only the items where they disagree carry
+information: `gains` = items only the challenger (or new champion) got right, `losses` = items only
+the incumbent got right, out of `n` items.
+
+- `mcnemar_one_sided`: exact test that the challenger is *better* (superiority on fresh labels).
+- `noninferiority_p`: Tango's (1998) score test that the challenger is *not worse by more than a
+  margin* (H0: p_challenger − p_champion ≤ −margin). A point estimate against the margin ("lost at
+  most ε") is wrong about half the time when the true loss sits at ε; this bounds the chance of
+  promoting a model that forgot more than the margin by alpha. Tango's score test keeps its size
+  close to alpha with few discordant pairs, where the Wald test does not (it is undefined at 0).
+- `noninferiority_n`: how many items such a test needs, to state "n is large enough to decide".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from math import comb
+
+from scipy.stats import norm
+
+
+def mcnemar_one_sided(gains: int, losses: int) -> float:
+    """Exact one-sided McNemar p-value that the challenger is better: P(X ≥ gains | gains+losses, 1/2)."""
+    k = gains + losses
+    if k == 0:
+        return 1.0
+    return float(sum(comb(k, i) for i in range(gains, k + 1)) / 2**k)
+
+
+def _restricted_mle_losses(gains: int, losses: int, n: int, delta0: float) -> float:
+    """MLE of P(loss) under H0's boundary p_gain − p_loss = delta0 (a quadratic's admissible root)."""
+    a = 2.0 * n
+    b = -(gains * (1 - delta0) + losses * (1 - 3 * delta0) - 2 * (n - gains - losses) * delta0)
+    c = -losses * delta0 * (1 - delta0)
+    disc = max(b * b - 4 * a * c, 0.0)
+    lo = max(0.0, -delta0)  # p_gain = p_loss + delta0 must be ≥ 0
+    hi = (1.0 - delta0) / 2.0  # p_gain + p_loss ≤ 1
+    for root in ((-b + math.sqrt(disc)) / (2 * a), (-b - math.sqrt(disc)) / (2 * a)):
+        if lo - 1e-12 <= root <= hi + 1e-12:
+            return min(max(root, lo), hi)
+    return min(max((-b + math.sqrt(disc)) / (2 * a), lo), hi)
+
+
+def noninferiority_p(gains: int, losses: int, n: int, margin: float) -> float:
+    """One-sided p-value of H0 "challenger worse by ≥ margin" (Tango's score test); small = non-inferior."""
+    if n <= 0:
+        return 1.0
+    delta0 = -abs(margin)
+    q_loss = _restricted_mle_losses(gains, losses, n, delta0)
+    q_gain = q_loss + delta0
+    var = (q_gain + q_loss - delta0 * delta0) / n
+    diff = (gains - losses) / n
+    if var <= 0:
+        return 0.0 if diff > delta0 else 1.0
+    return float(norm.sf((diff - delta0) / math.sqrt(var)))
+
+
+def noninferiority_n(margin: float, discordance: float, alpha: float = 0.05, power: float = 0.8) -> int:
+    """Items needed to show non-inferiority of two *equally good* models that disagree on a share
+    `discordance` of items: n ≥ discordance · (z_{1−α} + z_{power})² / margin²."""
+    z = norm.isf(alpha) + norm.isf(1 - power)
+    return int(math.ceil(discordance * z * z / (margin * margin)))
+
+
+@dataclass
+class PairedComparison:
+    """A paired comparison of two models on the same n items, as stored in the audit trail."""
+
+    n: int
+    incumbent_accuracy: float | None
+    candidate_accuracy: float | None
+    gains: int  # items only the candidate got right
+    losses: int  # items only the incumbent got right
+
+    @classmethod
+    def of(cls, incumbent_correct, candidate_correct) -> "PairedComparison":
+        import numpy as np  # noqa: PLC0415 - numpy is already loaded wherever this runs; keeps the module light
+
+        a, b = np.asarray(incumbent_correct, bool), np.asarray(candidate_correct, bool)
+        if a.shape != b.shape:
+            raise ValueError("paired arrays must have the same items for both models")
+        n = int(a.size)
+        return cls(n, float(a.mean()) if n else None, float(b.mean()) if n else None, int((b & ~a).sum()), int((a & ~b).sum()))
+
+    @property
+    def difference(self) -> float | None:
+        return None if not self.n else (self.gains - self.losses) / self.n
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "difference": self.difference}
