@@ -179,7 +179,7 @@ def history_command(
         if e["kind"] == "gate":
             detail = gate_line(e)
         elif e["kind"] == "promotion":
-            detail = f"replaces {e.get('previous')}"
+            detail = f"replaces {e['previous']}" if e.get('previous') else f"first production model ({e.get('reason') or 'promoted'})"
         else:
             detail = e.get("reason") or e.get("trigger") or ", ".join(e.get("reasons") or []) or e.get("error") or ""
         typer.echo(f"{e['at'][:19]}  {e['kind']:<18} {e.get('model_version') or '-':<45} {e.get('action', '')} {detail}")
