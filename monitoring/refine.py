@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -92,7 +93,7 @@ class RefineConfig(BaseModel):
             raise ValueError(
                 f"min_fresh_labels {self.min_fresh_labels} x gate_fraction {self.gate_fraction} = {smallest_gate} gate items "
                 f"< gate.min_gate_items {self.gate.min_gate_items}: a refinement could train and never pass the gate; "
-                f"raise min_fresh_labels to {-(-self.gate.min_gate_items // self.gate_fraction):.0f}")
+                f"raise min_fresh_labels to {math.ceil(round(self.gate.min_gate_items / self.gate_fraction, 6))}")
         if self.self_training and not tokens.predict_token_required():
             raise ValueError(
                 "self_training=true trains on /predict traffic, which is anonymous unless the service requires the predict "
