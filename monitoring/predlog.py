@@ -153,14 +153,17 @@ def labelled_after(engine: Engine, model_version: str, after: dt.datetime, limit
         return [(t, y, f) for t, y, f in conn.execute(q)]
 
 
-def estimation_error(engine: Engine, model_version: str) -> tuple[float | None, int]:
-    """(mean confidence − accuracy, n) over every labelled prediction of `model_version`: how far
-    the label-free estimate (mean calibrated confidence) is off on this model's own traffic."""
+def estimation_error(engine: Engine, model_version: str, limit: int = 5000) -> tuple[float | None, int]:
+    """(mean confidence − accuracy, n) over the newest `limit` labelled predictions of `model_version`:
+    how far the label-free estimate (mean calibrated confidence) is off on this model's own recent
+    traffic. Bounded, because the controller asks at every run and a model may serve for months."""
     from sqlalchemy import case, func  # noqa: PLC0415
 
     c = predictions.c
-    q = select(func.avg(c.confidence), func.avg(case((c.label == c.feedback_label, 1.0), else_=0.0)), func.count()) \
-        .where(c.model_version == model_version, c.feedback_label.is_not(None))
+    recent = (select(c.confidence.label("confidence"), case((c.label == c.feedback_label, 1.0), else_=0.0).label("hit"))
+              .where(c.model_version == model_version, c.feedback_label.is_not(None))
+              .order_by(c.id.desc()).limit(limit).subquery())
+    q = select(func.avg(recent.c.confidence), func.avg(recent.c.hit), func.count())
     with engine.connect() as conn:
         conf, acc, n = conn.execute(q).one()
     return (None if not n else float(conf) - float(acc)), int(n)

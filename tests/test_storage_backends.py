@@ -429,3 +429,21 @@ def test_a_plain_postgres_url_uses_psycopg_3(postgres_server):
             assert conn.execute(text("show lock_timeout")).scalar_one() == "10s"
     finally:
         dispose_engine(url)
+
+
+def test_estimation_error_is_measured_on_the_newest_labelled_predictions(state_db_url):
+    from finetune.statedb import get_engine
+    from monitoring import predlog
+    from tests.test_loop import _log_labelled
+
+    engine = get_engine(state_db_url)
+    predlog.ensure_schema(engine)
+    assert predlog.estimation_error(engine, "m:1") == (None, 0)
+    # confidence 0.9 on every row: the first 100 rows all wrong, the newest 100 all right
+    _log_labelled(engine, "m:1", [("pos", "neg")] * 100)
+    _log_labelled(engine, "m:1", [("pos", "pos")] * 100)
+    error, n = predlog.estimation_error(engine, "m:1")
+    assert n == 200 and abs(error - (0.9 - 0.5)) < 1e-9
+    error, n = predlog.estimation_error(engine, "m:1", limit=100)
+    assert n == 100 and abs(error - (0.9 - 1.0)) < 1e-9
+    assert predlog.estimation_error(engine, "m:2") == (None, 0)
