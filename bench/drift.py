@@ -38,7 +38,7 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 from serve import free_port, start, stop  # noqa: E402
 
-from finetune.home import configure_environment  # noqa: E402
+from core.home import configure_environment  # noqa: E402
 
 configure_environment()
 
@@ -72,7 +72,7 @@ async def send(url: str, rows: list[tuple[str, str]], feedback_share: float, rng
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         items = [{"request_id": ids[i], "label": rows[i][1]} for i in range(len(rows)) if rng.random() < feedback_share]
         if items:  # the feedback token of this home (the service generated it at startup, or DRIFTLOOP_FEEDBACK_TOKEN)
-            from finetune import tokens  # noqa: PLC0415
+            from core import tokens  # noqa: PLC0415
 
             (await client.post(f"{url}/feedback", json={"items": items}, headers=tokens.authorization_header("feedback"))).raise_for_status()
     return ids
@@ -80,12 +80,12 @@ async def send(url: str, rows: list[tuple[str, str]], feedback_share: float, rng
 
 def embedding_false_alarms(engine, tag: str, windows: int, size: int) -> dict:
     """Stable windows only: how often each embedding test cries drift (MMD permutation vs Evidently default)."""
+    import pandas as pd  # noqa: PLC0415
     from evidently import DataDefinition, Dataset, Report  # noqa: PLC0415
     from evidently.metrics import EmbeddingsDrift  # noqa: PLC0415
-    import pandas as pd  # noqa: PLC0415
 
     from monitoring import stats, window  # noqa: PLC0415
-    from monitoring.runner import reference_for  # noqa: PLC0415
+    from monitoring.passes import reference_for  # noqa: PLC0415
 
     ref = reference_for(tag)
     stable = window.load(engine, tag, ref.label_names, last=None, up_to_id=3100)
@@ -150,9 +150,9 @@ def main() -> None:
               ("imdb", read_rows(data / "reviews" / "imdb_labelled.txt"))]
     stream = [(name, row) for name, rows in phases for row in rows]
 
-    from finetune.statedb import get_engine  # noqa: PLC0415
+    from core.statedb import get_engine  # noqa: PLC0415
     from monitoring.config import MonitorConfig  # noqa: PLC0415
-    from monitoring.runner import monitor_once  # noqa: PLC0415
+    from monitoring.passes import monitor_once  # noqa: PLC0415
 
     engine = get_engine()
     config = MonitorConfig(window=args.window, min_samples=min(200, args.window), report=False)
@@ -186,9 +186,9 @@ def main() -> None:
 
 
 def analyse(tag: str, val_accuracy: float, passes: list[dict], phase_sizes: list, args) -> None:
-    from finetune.statedb import get_engine  # noqa: PLC0415
+    from core.statedb import get_engine  # noqa: PLC0415
     from monitoring.config import MonitorConfig  # noqa: PLC0415
-    from monitoring.runner import monitor_once  # noqa: PLC0415
+    from monitoring.passes import monitor_once  # noqa: PLC0415
 
     engine = get_engine()
     # summary: false alarms on windows made only of stable traffic; delay after each switch
@@ -218,9 +218,9 @@ def analyse(tag: str, val_accuracy: float, passes: list[dict], phase_sizes: list
     print(json.dumps({"embedding_false_alarms": summary["embedding_false_alarms"]}), flush=True)
 
     # pass duration at 1,000 and 5,000 rows, with and without the HTML report + workspace snapshot
-    from monitoring.runner import reference_for  # noqa: PLC0415
     from monitoring import window as window_mod  # noqa: PLC0415
-    from monitoring.monitor import run_pass  # noqa: PLC0415
+    from monitoring.analysis import run_pass  # noqa: PLC0415
+    from monitoring.passes import reference_for  # noqa: PLC0415
 
     ref = reference_for(tag)
     durations = {}

@@ -66,7 +66,7 @@ os.environ.pop("DRIFTLOOP_DB_URL", None)
 
 import loop_phases as lp  # noqa: E402  (bench/loop_phases.py)
 
-from monitoring.replay import labelled_rows  # noqa: E402
+from driftloop.replay import labelled_rows  # noqa: E402
 
 
 def fresh_home(name: str) -> Path:
@@ -81,10 +81,11 @@ def fresh_home(name: str) -> Path:
 
 def scenario(name: str, champion_home: Path, champion: str, corpus: lp.Corpus, models: lp.Models, sets: list[str], feedback: float,
              timeout_s: float, say) -> dict:
-    from finetune import alias  # noqa: PLC0415
+    from core import (
+        alias,  # noqa: PLC0415
+        audit,  # noqa: PLC0415
+    )
     from monitoring import store  # noqa: PLC0415
-
-    from finetune import audit  # noqa: PLC0415
 
     home = BASE_HOME / f"run-{name}"
     if home.exists():

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-from monitoring.demo import Proc, _accuracy, _free_port, _write_tsv
-from monitoring.replay import ReplayStats, labelled_rows, replay
+from driftloop.demo import held_out_accuracy, write_tsv
+from driftloop.procs import Proc, free_port
+from driftloop.replay import ReplayStats, labelled_rows, replay
 
 ROOT = Path(__file__).resolve().parent.parent
 Rows = list[tuple[str, str]]
@@ -67,7 +68,7 @@ def load_corpus(data: Path, domains: list[str], *, train_rows: int, stable: int,
 
 def use_home(home: Path) -> None:
     """Point this process (and the children it starts) at `home`, dropping cached DB engines."""
-    from finetune.statedb import dispose_engines  # noqa: PLC0415
+    from core.statedb import dispose_engines  # noqa: PLC0415
 
     os.environ["DRIFTLOOP_HOME"] = str(home)
     dispose_engines()
@@ -76,7 +77,7 @@ def use_home(home: Path) -> None:
 def train_champion(home: Path, rows: Rows, say: Say) -> str:
     """The champion: SST-2 rows, 1 epoch, 20 % validation, promoted."""
     home.mkdir(parents=True, exist_ok=True)
-    _write_tsv(home / "train.tsv", rows)
+    write_tsv(home / "train.tsv", rows)
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "driftloop", "train", "--data", str(home / "train.tsv"), "--epochs", "1", "--quiet",
                           "--json", "--promote", "always", "--set", "data.val_fraction=0.2", "--set", "report=false"],
@@ -99,7 +100,7 @@ class Models:
 
     def accuracy(self, tag: str, domain: str) -> float:
         if (tag, domain) not in self._acc:
-            self._acc[tag, domain] = _accuracy(tag, self.held[domain])
+            self._acc[tag, domain] = held_out_accuracy(tag, self.held[domain])
         return self._acc[tag, domain]
 
     def scores(self, tag: str, domains: list[str]) -> dict[str, float]:
@@ -108,13 +109,13 @@ class Models:
     @staticmethod
     @functools.cache
     def lineage(tag: str) -> dict:
-        from finetune import registry  # noqa: PLC0415
+        from core import registry  # noqa: PLC0415
 
         return registry.get(tag).lineage
 
     def generation(self, tag: str) -> int:
         """data_lineage.generation when recorded, else the length of the parent chain."""
-        from finetune.errors import DriftloopError  # noqa: PLC0415
+        from core.errors import DriftloopError  # noqa: PLC0415
 
         recorded = (self.lineage(tag).get("data_lineage") or {}).get("generation")
         if recorded is not None:
@@ -175,13 +176,12 @@ class Stack:
         self.url = ""
 
     def __enter__(self) -> Self:
-        from finetune.statedb import get_engine  # noqa: PLC0415
+        from core import audit  # noqa: PLC0415
+        from core.statedb import get_engine  # noqa: PLC0415
         from monitoring import store  # noqa: PLC0415
-
-        from finetune import audit  # noqa: PLC0415
         use_home(self.home)
         self.env = {**os.environ, "DRIFTLOOP_SERVICE_RELOAD_INTERVAL_S": "1"}
-        port, cport = _free_port(), _free_port()
+        port, cport = free_port(), free_port()
         self.url = f"http://127.0.0.1:{port}"
         try:
             self.service = Proc(["serve", "--port", str(port)], self.env, self.home / "service.log")
@@ -215,7 +215,7 @@ class Stack:
         return st
 
     def serving(self) -> str:
-        from finetune import alias  # noqa: PLC0415
+        from core import alias  # noqa: PLC0415
 
         return alias.current(engine=self.engine).tag
 
@@ -315,7 +315,7 @@ def labelled_predictions(engine, tag: str) -> int:
     """Labelled predictions of `tag` with their text: what a manual refinement of it trains and gates on."""
     from sqlalchemy import func, select  # noqa: PLC0415
 
-    from monitoring import predlog  # noqa: PLC0415
+    from core import predlog  # noqa: PLC0415
 
     c = predlog.predictions.c
     q = select(func.count()).select_from(predlog.predictions).where(c.model_version == tag, c.feedback_label.is_not(None), c.text.is_not(None))
@@ -326,7 +326,7 @@ def labelled_predictions(engine, tag: str) -> int:
 def max_log_id(engine) -> int:
     from sqlalchemy import func, select  # noqa: PLC0415
 
-    from monitoring import predlog  # noqa: PLC0415
+    from core import predlog  # noqa: PLC0415
 
     with engine.connect() as conn:
         return int(conn.execute(select(func.max(predlog.predictions.c.id))).scalar_one() or 0)
@@ -336,7 +336,7 @@ def rows_lost(engine, acked: list[str]) -> int:
     """Acknowledged request ids missing from the prediction log (check after the service stopped: it flushes on exit)."""
     from sqlalchemy import select  # noqa: PLC0415
 
-    from monitoring import predlog  # noqa: PLC0415
+    from core import predlog  # noqa: PLC0415
 
     with engine.connect() as conn:
         logged = {r for (r,) in conn.execute(select(predlog.predictions.c.request_id))}
@@ -464,7 +464,7 @@ class Sequence:
         events = events_between(engine, self.mark, end)
         passes = passes_between(engine, self.mark, end)
         self.mark = end
-        from finetune import audit  # noqa: PLC0415
+        from core import audit  # noqa: PLC0415
         serving = self.stack.serving()
         rec = {
             "phase": name, "serving": serving, "generation": self.models.generation(serving), "before": before,
@@ -656,7 +656,7 @@ def run_simulation(home: Path, corpus: Corpus, opts: SimulateOptions, controller
 
 
 def _final_serving(engine) -> str:
-    from finetune import alias  # noqa: PLC0415
+    from core import alias  # noqa: PLC0415
 
     return alias.current(engine=engine).tag
 
@@ -689,6 +689,6 @@ def simulation_table(summary: dict) -> str:
 
 def _audit():
     """The audit trail module, imported once the bench has pointed DRIFTLOOP_HOME at its home."""
-    from finetune import audit  # noqa: PLC0415
+    from core import audit  # noqa: PLC0415
 
     return audit

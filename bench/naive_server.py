@@ -18,7 +18,7 @@ from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
-from finetune.registry import load_predictor  # noqa: E402
+from core.inference import load_predictor  # noqa: E402
 
 predictor = load_predictor(sys.argv[1], device="auto")
 

@@ -146,7 +146,7 @@ class OfflineCeiling:
     FORWARD_BATCHES = (8, 16, 32, 64)  # a batch of 1 is never the best; it is measured as the window of 1 client
 
     def __init__(self, tag: str, texts: list[str]):
-        from finetune.registry import load_predictor  # noqa: PLC0415
+        from core.inference import load_predictor  # noqa: PLC0415
 
         self.predictor = load_predictor(tag)
         self.sample = texts[:512]

@@ -31,7 +31,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
-
 from serve import free_port, sst2_sentences, start, stop  # noqa: E402  (bench/serve.py: same server start/stop)
 
 
@@ -129,9 +128,10 @@ def main() -> None:
     finally:
         stop(proc)
 
-    from finetune.statedb import get_engine  # noqa: PLC0415
-    from monitoring import predlog  # noqa: PLC0415
     from sqlalchemy import select  # noqa: PLC0415
+
+    from core import predlog  # noqa: PLC0415
+    from core.statedb import get_engine  # noqa: PLC0415
 
     with get_engine().connect() as conn:
         logged = {r for (r,) in conn.execute(select(predlog.predictions.c.request_id))}

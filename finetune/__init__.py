@@ -1,5 +1,5 @@
-"""Fine-tuning, evaluation, calibration and the model registry of driftloop.
+"""Training and evaluation: data loading and cleaning, fine-tuning, calibration, evaluation reports,
+cross-validation and tuning, and registering the result with its lineage.
 
-This package depends on no other driftloop package: the service and the monitor import it (the
-registry, model loading, descriptors), never the other way round.
+May import `core` only.
 """

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from core.inference import Predictor
 from finetune.data import Split
 
 
@@ -40,8 +41,6 @@ def interpolate(model: torch.nn.Module, start: dict[str, torch.Tensor], end: dic
 
 
 def _accuracy(model: torch.nn.Module, tokenizer, label_names: list[str], split: Split, max_length: int) -> float:
-    from finetune.inference import Predictor  # noqa: PLC0415
-
     predictor = Predictor(model, tokenizer, label_names, max_length=max_length)
     if not len(split):
         return 0.0

@@ -1,34 +1,24 @@
-"""CLI verbs of the fine-tuning stage: `train`, `cv`, `tune` and `models ...`."""
+"""CLI verbs of the fine-tuning stage: `train`, `cv`, `tune` and `models ...`.
+
+Each verb imports the modules that do its work inside its body, on purpose: `driftloop --help`
+starts in ~0.15 s, importing the stages behind every verb would make it ~5 s (torch, transformers'
+Trainer, Evidently; measured in docs/benchmarks.md, "CLI start-up"). Everything else is imported here.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
+import yaml
 
-from finetune.errors import DriftloopError
+from core.clikit import emit_json, machine_output, set_options
+from core.errors import DriftloopError
+from finetune.config import load_config, load_yaml
 
 models_app = typer.Typer(help="The model registry and the production alias.", no_args_is_help=True)
-
-
-def emit_json(obj) -> None:
-    """One JSON object on the real stdout (library chatter is sent to stderr meanwhile)."""
-    sys.__stdout__.write(json.dumps(obj, default=str) + "\n")
-    sys.__stdout__.flush()
-
-
-@contextlib.contextmanager
-def machine_output(enabled: bool):
-    """With --json, keep stdout for the one JSON object: everything else printed goes to stderr."""
-    if not enabled:
-        yield
-        return
-    with contextlib.redirect_stdout(sys.stderr):
-        yield
 
 
 def _train_overrides(**flags) -> dict:
@@ -41,19 +31,6 @@ def _train_overrides(**flags) -> dict:
         "parent": "registry.parent",
     }
     return {mapping[k]: v for k, v in flags.items() if k in mapping}
-
-
-def _set_options(raw_sets: list[str] | None) -> dict:
-    """`--set training.weight_decay=0.1` for any key (values parsed as YAML scalars)."""
-    import yaml  # noqa: PLC0415
-
-    out = {}
-    for item in raw_sets or []:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise DriftloopError(f"--set expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (keys as in `driftloop train --print-config`).")
@@ -83,20 +60,16 @@ def train_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or epoch lines."),
 ) -> None:
     """Fine-tune a transformer classifier, evaluate and calibrate it, and register it with its lineage."""
-    from finetune.config import load_config  # noqa: PLC0415
-
     overrides = _train_overrides(data=data, test_data=test_data, text_column=text_column, label_column=label_column,
                                  max_rows=max_rows, epochs=epochs, base_model=base_model, name=name,
                                  learning_rate=learning_rate, batch_size=batch_size, seed=seed, optimizer=optimizer,
                                  scheduler=scheduler, max_length=max_length, promote=promote)
-    overrides.update(_set_options(sets))
+    overrides.update(set_options(sets))
     cfg = load_config(config, overrides)
     if print_config:
-        import yaml  # noqa: PLC0415
-
         typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return
-    from finetune.pipeline import train  # noqa: PLC0415
+    from finetune.pipeline import train  # noqa: PLC0415 - see the module docstring
 
     with machine_output(as_json):
         outcome = train(cfg, quiet=quiet, progress=not quiet)
@@ -115,10 +88,8 @@ def train_command(
 
 
 def _resolve(config: Optional[Path], sets: Optional[list[str]], **flags):
-    from finetune.config import load_config  # noqa: PLC0415
-
     overrides = _train_overrides(**flags)
-    overrides.update(_set_options(sets))
+    overrides.update(set_options(sets))
     return load_config(config, overrides)
 
 
@@ -137,7 +108,7 @@ def cv_command(
     """Stratified k-fold cross-validation: mean ± std of each metric (nothing is registered)."""
     cfg = _resolve(config, sets, data=data, text_column=text_column, label_column=label_column,
                    max_rows=max_rows, epochs=epochs, base_model=base_model)
-    from finetune.cv import cross_validate  # noqa: PLC0415
+    from finetune.cv import cross_validate  # noqa: PLC0415 - see the module docstring
 
     with machine_output(as_json):
         result = cross_validate(cfg, folds=folds, quiet=False)
@@ -167,8 +138,6 @@ def tune_command(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Random or grid search; every trial is recorded and the best model is registered."""
-    from finetune.config import load_yaml  # noqa: PLC0415
-
     if method not in ("random", "grid"):
         raise DriftloopError(f"--method must be random or grid, got {method!r}")
     if metric not in ("f1_macro", "accuracy"):
@@ -178,7 +147,7 @@ def tune_command(
     cfg = _resolve(config, sets, data=data, test_data=test_data, text_column=text_column, label_column=label_column,
                    max_rows=max_rows, epochs=epochs, base_model=base_model, name=name)
     space_dict = load_yaml(space)
-    from finetune.tune import tune  # noqa: PLC0415
+    from finetune.tune import tune  # noqa: PLC0415 - see the module docstring
 
     with machine_output(as_json):
         result = tune(cfg, space_dict, method=method, trials=trials, metric=metric)
@@ -199,7 +168,7 @@ def models_list(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Registered models, newest first; `*` marks production."""
-    from finetune import alias, registry  # noqa: PLC0415
+    from core import alias, registry  # noqa: PLC0415 - see the module docstring
 
     models = registry.list_models(name)
     prod = alias.current()
@@ -223,7 +192,7 @@ def models_show(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """A model's full lineage: config, data fingerprint, metrics, parent, versions."""
-    from finetune import alias, registry  # noqa: PLC0415
+    from core import alias, registry  # noqa: PLC0415 - see the module docstring
 
     if tag is None:
         prod = alias.current()
@@ -250,7 +219,7 @@ def models_promote(
     The model is loaded on CPU and run once first: one that does not load is refused and the alias
     stays where it was.
     """
-    from finetune import production  # noqa: PLC0415
+    from core import production  # noqa: PLC0415 - see the module docstring
 
     state = production.promote(tag, reason=reason or "manual promotion", actor="cli", force=force)
     if as_json:
@@ -266,7 +235,7 @@ def models_rollback(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Return the production alias to the model served before the last promotion."""
-    from finetune import alias, production  # noqa: PLC0415
+    from core import alias, production  # noqa: PLC0415 - see the module docstring
 
     before = alias.current()
     state = production.rollback(to=to, reason=reason or "manual rollback", actor="cli")
@@ -279,7 +248,7 @@ def models_rollback(
 @models_app.command("history")
 def models_history(as_json: bool = typer.Option(False, "--json"), limit: int = typer.Option(50)) -> None:
     """Every promotion and rollback of the production alias, newest first."""
-    from finetune import alias  # noqa: PLC0415
+    from core import alias  # noqa: PLC0415 - see the module docstring
 
     rows = alias.history(limit=limit)
     if as_json:

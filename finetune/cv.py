@@ -12,9 +12,9 @@ import time
 import numpy as np
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
+from core.errors import DriftloopError
 from finetune.config import TrainConfig
 from finetune.data import PreparedData, Split
-from finetune.errors import DriftloopError
 from finetune.pipeline import evaluate, load_data
 from finetune.training import fit
 

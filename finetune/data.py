@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from finetune.errors import DriftloopError
+from core.errors import DriftloopError
 
 TEXT_COLUMN_CANDIDATES = ("text", "sentence")
 DEMO_DOMAINS = ("reviews", "markets")

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune import alias, data_store, production, profile, registry
+from core import alias, data_store, production, profile, registry
+from core.inference import Predictions, Predictor
 from finetune.config import TrainConfig
 from finetune.data import PreparedData, prepare
 from finetune.evaluation import classification_metrics, fit_temperature, softmax
-from finetune.inference import Predictions, Predictor
 from finetune.training import FitResult, fit
 
 
@@ -158,7 +158,7 @@ def register_fitted(config: TrainConfig, fitted: FitResult, data: PreparedData, 
         fitted.tokenizer.save_pretrained(directory)
         profile.save(directory, frame, embeddings)
         if config.report:
-            from finetune import report  # noqa: PLC0415 - matplotlib only when a report is wanted
+            from finetune import report  # noqa: PLC0415 - matplotlib (0.4 s) only when a report is wanted
 
             eval_split = "test" if data.test is not None else "val"
             eval_logits = ev.test_logits if data.test is not None else ev.val_logits

@@ -20,12 +20,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.metrics import accuracy_score, f1_score
+from transformers import (
+    DataCollatorWithPadding,
+    EarlyStoppingCallback,
+    PrinterCallback,
+    ProgressCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.utils import logging as hf_logging
 
+from core.base_model import resolve_base_model
+from core.errors import DriftloopError
+from core.home import runs_dir
+from core.modeling import load_classifier, load_tokenizer
 from finetune.config import TrainConfig
 from finetune.data import PreparedData, Split, augment, oversample
-from finetune.errors import DriftloopError
-from finetune.home import runs_dir
-from finetune.modeling import freeze, load_classifier, load_tokenizer, resolve_base_model, unfreeze_schedule
+from finetune.layers import freeze, unfreeze_schedule
 
 HF_SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 HF_OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd", "rmsprop": "rmsprop", "adagrad": "adagrad"}
@@ -77,8 +91,6 @@ def auto_class_weights(labels: list[int], n_classes: int, threshold: float = 1.5
 
 
 def _compute_metrics(eval_pred) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score  # noqa: PLC0415
-
     logits, labels = eval_pred.predictions, eval_pred.label_ids
     if isinstance(logits, tuple):
         logits = logits[0]
@@ -86,106 +98,107 @@ def _compute_metrics(eval_pred) -> dict[str, float]:
     return {"accuracy": float(accuracy_score(labels, preds)), "f1_macro": float(f1_score(labels, preds, average="macro"))}
 
 
-def _build_trainer_class():
-    """Defined lazily so importing this module does not import transformers."""
-    from transformers import Trainer  # noqa: PLC0415
+class DriftloopTrainer(Trainer):
+    """Trainer plus torch's extra schedules, a class-weighted loss and gradual unfreezing."""
 
-    class DriftloopTrainer(Trainer):
-        """Trainer plus torch's extra schedules, a class-weighted loss and gradual unfreezing."""
+    def __init__(self, *args, dl_config: TrainConfig, class_weights: list[float] | None, steps_per_epoch: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dl_config = dl_config
+        self.steps_per_epoch = steps_per_epoch
+        self.class_weight_tensor = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        if self.class_weight_tensor is not None:
+            self.loss_is_scaled_for_ga = False  # our loss is a per-batch mean; Trainer scales for accumulation
 
-        def __init__(self, *args, dl_config: TrainConfig, class_weights: list[float] | None, steps_per_epoch: int, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.dl_config = dl_config
-            self.steps_per_epoch = steps_per_epoch
-            self.class_weight_tensor = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
-            if self.class_weight_tensor is not None:
-                self.loss_is_scaled_for_ga = False  # our loss is a per-batch mean; Trainer scales for accumulation
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.class_weight_tensor is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        weight = self.class_weight_tensor.to(outputs.logits.device)
+        loss = torch.nn.functional.cross_entropy(outputs.logits.float(), labels, weight=weight)
+        return (loss, outputs) if return_outputs else loss
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if self.class_weight_tensor is None:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            labels = inputs.pop("labels")
-            outputs = model(**inputs)
-            weight = self.class_weight_tensor.to(outputs.logits.device)
-            loss = torch.nn.functional.cross_entropy(outputs.logits.float(), labels, weight=weight)
-            return (loss, outputs) if return_outputs else loss
+    def create_optimizer(self, model=None):
+        if not self.dl_config.model.gradual_unfreezing:
+            return super().create_optimizer(model)
+        # Frozen parameters must be in the optimiser already to train once unfrozen.
+        target = self.model if model is None else model
+        saved = {n: p.requires_grad for n, p in target.named_parameters()}
+        for p in target.parameters():
+            p.requires_grad = True
+        try:
+            return super().create_optimizer(model)
+        finally:
+            for n, p in target.named_parameters():
+                p.requires_grad = saved[n]
 
-        def create_optimizer(self, model=None):
-            if not self.dl_config.model.gradual_unfreezing:
-                return super().create_optimizer(model)
-            # Frozen parameters must be in the optimiser already to train once unfrozen.
-            target = self.model if model is None else model
-            saved = {n: p.requires_grad for n, p in target.named_parameters()}
-            for p in target.parameters():
-                p.requires_grad = True
-            try:
-                return super().create_optimizer(model)
-            finally:
-                for n, p in target.named_parameters():
-                    p.requires_grad = saved[n]
-
-        def create_scheduler(self, num_training_steps: int, optimizer=None):
-            t = self.dl_config.training
-            if t.scheduler in HF_SCHEDULERS or self.lr_scheduler is not None:
-                return super().create_scheduler(num_training_steps, optimizer)
-            opt = optimizer or self.optimizer
-            spe = max(1, self.steps_per_epoch)
-            sched = torch.optim.lr_scheduler
-            if t.scheduler == "step":
-                self.lr_scheduler = sched.StepLR(opt, step_size=max(1, round(spe * t.step_size_epochs)), gamma=t.gamma)
-            elif t.scheduler == "exponential":
-                self.lr_scheduler = sched.ExponentialLR(opt, gamma=t.gamma ** (1.0 / spe))
-            elif t.scheduler == "onecycle":
-                self.lr_scheduler = sched.OneCycleLR(opt, max_lr=t.learning_rate, total_steps=max(2, num_training_steps),
-                                                     pct_start=max(t.warmup_ratio, 0.05), cycle_momentum=t.optimizer == "sgd")
-            elif t.scheduler == "cyclic":
-                self.lr_scheduler = sched.CyclicLR(opt, base_lr=t.learning_rate / 10, max_lr=t.learning_rate,
-                                                   step_size_up=max(1, spe // 2), cycle_momentum=t.optimizer == "sgd")
-            self._created_lr_scheduler = True
-            return self.lr_scheduler
-
-    return DriftloopTrainer
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        t = self.dl_config.training
+        if t.scheduler in HF_SCHEDULERS or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        opt = optimizer or self.optimizer
+        spe = max(1, self.steps_per_epoch)
+        sched = torch.optim.lr_scheduler
+        if t.scheduler == "step":
+            self.lr_scheduler = sched.StepLR(opt, step_size=max(1, round(spe * t.step_size_epochs)), gamma=t.gamma)
+        elif t.scheduler == "exponential":
+            self.lr_scheduler = sched.ExponentialLR(opt, gamma=t.gamma ** (1.0 / spe))
+        elif t.scheduler == "onecycle":
+            self.lr_scheduler = sched.OneCycleLR(opt, max_lr=t.learning_rate, total_steps=max(2, num_training_steps),
+                                                 pct_start=max(t.warmup_ratio, 0.05), cycle_momentum=t.optimizer == "sgd")
+        elif t.scheduler == "cyclic":
+            self.lr_scheduler = sched.CyclicLR(opt, base_lr=t.learning_rate / 10, max_lr=t.learning_rate,
+                                               step_size_up=max(1, spe // 2), cycle_momentum=t.optimizer == "sgd")
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
 
 
-def _callbacks(config: TrainConfig, quiet: bool):
-    from transformers import EarlyStoppingCallback, ProgressCallback, TrainerCallback  # noqa: PLC0415
+class EpochSummary(TrainerCallback):
+    """One line per evaluation for people (stderr, so `--json` stdout stays machine-readable)."""
 
-    class EpochSummary(TrainerCallback):
-        """One line per evaluation for people (stderr, so `--json` stdout stays machine-readable)."""
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.last_loss = None
+        self.started = time.perf_counter()
 
-        def __init__(self):
-            self.last_loss = None
-            self.started = time.perf_counter()
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            self.last_loss = logs["loss"]
 
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                self.last_loss = logs["loss"]
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        if self.quiet or not state.is_world_process_zero or not metrics:
+            return
+        loss = f"{self.last_loss:.4f}" if self.last_loss is not None else "   -  "
+        print(f"epoch {state.epoch:5.2f}  train_loss {loss}  val_loss {metrics.get('eval_loss', float('nan')):.4f}  "
+              f"val_acc {metrics.get('eval_accuracy', float('nan')):.4f}  val_f1 {metrics.get('eval_f1_macro', float('nan')):.4f}  "
+              f"{time.perf_counter() - self.started:6.1f}s", file=sys.stderr, flush=True)
 
-        def on_evaluate(self, args, state, control, metrics=None, **kw):
-            if quiet or not state.is_world_process_zero or not metrics:
-                return
-            loss = f"{self.last_loss:.4f}" if self.last_loss is not None else "   -  "
-            print(f"epoch {state.epoch:5.2f}  train_loss {loss}  val_loss {metrics.get('eval_loss', float('nan')):.4f}  "
-                  f"val_acc {metrics.get('eval_accuracy', float('nan')):.4f}  val_f1 {metrics.get('eval_f1_macro', float('nan')):.4f}  "
-                  f"{time.perf_counter() - self.started:6.1f}s", file=sys.stderr, flush=True)
 
-    class GradualUnfreezing(TrainerCallback):
-        def on_epoch_begin(self, args, state, control, model=None, **kw):
-            k = unfreeze_schedule(model, int(round(state.epoch or 0)))
-            if not quiet and state.is_world_process_zero:
-                print(f"gradual unfreezing: top {k} encoder layer(s) trainable", file=sys.stderr, flush=True)
+class GradualUnfreezing(TrainerCallback):
+    """ULMFiT's gradual unfreezing: one more encoder layer trains at each epoch (finetune/layers.py)."""
 
-    class Progress(ProgressCallback):
-        """Trainer's progress bar without its raw log dicts (EpochSummary prints a readable line)."""
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
 
-        def on_log(self, args, state, control, logs=None, **kw):
-            pass
+    def on_epoch_begin(self, args, state, control, model=None, **kw):
+        k = unfreeze_schedule(model, int(round(state.epoch or 0)))
+        if not self.quiet and state.is_world_process_zero:
+            print(f"gradual unfreezing: top {k} encoder layer(s) trainable", file=sys.stderr, flush=True)
 
-    cbs = [EpochSummary()] + ([] if quiet else [Progress()])
+
+class QuietProgress(ProgressCallback):
+    """Trainer's progress bar without its raw log dicts (EpochSummary prints a readable line)."""
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        pass
+
+
+def _callbacks(config: TrainConfig, quiet: bool) -> list[TrainerCallback]:
+    cbs = [EpochSummary(quiet)] + ([] if quiet else [QuietProgress()])
     if config.training.early_stopping_patience > 0:
         cbs.append(EarlyStoppingCallback(early_stopping_patience=config.training.early_stopping_patience))
     if config.model.gradual_unfreezing:
-        cbs.append(GradualUnfreezing())
+        cbs.append(GradualUnfreezing(quiet))
     return cbs
 
 
@@ -207,9 +220,6 @@ def fit(config: TrainConfig, data: PreparedData, *, init_from: str | None = None
 
     `init_from` starts from a fine-tuned model directory (refinement) instead of the base model.
     """
-    from transformers import DataCollatorWithPadding, PrinterCallback, ProgressCallback, TrainingArguments, set_seed  # noqa: PLC0415
-    from transformers.utils import logging as hf_logging  # noqa: PLC0415
-
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # weight loading/saving bars: noise next to the training bar
     t, m = config.training, config.model
@@ -278,13 +288,13 @@ def fit(config: TrainConfig, data: PreparedData, *, init_from: str | None = None
         max_length=None if t.dynamic_padding else m.max_length,
         pad_to_multiple_of=8 if (t.dynamic_padding and use_cuda) else None,
     )
-    trainer = _build_trainer_class()(
+    trainer = DriftloopTrainer(
         model=model, args=args, train_dataset=train_rows, eval_dataset=val_rows, data_collator=collator,
         processing_class=tokenizer, compute_metrics=_compute_metrics, callbacks=_callbacks(config, quiet),
         dl_config=config, class_weights=weights, steps_per_epoch=steps_per_epoch,
     )
     for cb in list(trainer.callback_handler.callbacks):
-        # Trainer's own bar/printer dump raw log dicts; ours (Progress, EpochSummary) print readable lines.
+        # Trainer's own bar/printer dump raw log dicts; ours (QuietProgress, EpochSummary) print readable lines.
         if type(cb) in (ProgressCallback, PrinterCallback):
             trainer.remove_callback(cb)
     started = time.perf_counter()

@@ -19,10 +19,10 @@ from typing import Any
 
 from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text, insert
 
+from core.errors import DriftloopError
+from core.statedb import UTCDateTime, create_tables, get_engine
 from finetune.config import TrainConfig, apply_overrides, build_config
-from finetune.errors import DriftloopError
 from finetune.pipeline import build_lineage, evaluate, load_data, register_fitted
-from finetune.statedb import UTCDateTime, create_tables, get_engine
 from finetune.training import fit
 
 metadata = MetaData()

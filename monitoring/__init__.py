@@ -1,5 +1,5 @@
-"""Monitoring and the closed loop of driftloop: prediction log, Evidently monitor passes,
-Prometheus metrics, the APScheduler controller, policy, gate and audit trail.
+"""Observing: monitor passes over windows of the prediction log (Evidently drift tests, realized and
+estimated quality), their stored verdicts, reports and Prometheus metrics.
 
-May import `finetune` only.
+May import `core` only.
 """

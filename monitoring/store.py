@@ -12,8 +12,8 @@ import json
 from sqlalchemy import Boolean, Column, Float, Integer, MetaData, String, Table, Text, insert, select
 from sqlalchemy.engine import Engine
 
-from finetune.statedb import UTCDateTime, create_tables
-from monitoring.monitor import PassResult
+from core.statedb import UTCDateTime, create_tables
+from monitoring.analysis import PassResult
 
 metadata = MetaData()
 

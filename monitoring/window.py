@@ -13,12 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from finetune.descriptors import DESCRIPTOR_COLUMNS
-from finetune.profile import prob_column
-from monitoring.predlog import predictions
+from core import predlog
+from core.descriptors import DESCRIPTOR_COLUMNS
+from core.profile import prob_column
 
 
 @dataclass
@@ -50,29 +49,10 @@ class Window:
         return self.frame["created_at"].iloc[-1].to_pydatetime() if self.size else None
 
 
-def latest_model_version(engine: Engine) -> str | None:
-    """The model version of the most recent logged prediction (what served last)."""
-    with engine.connect() as conn:
-        return conn.execute(select(predictions.c.model_version).order_by(predictions.c.id.desc()).limit(1)).scalar()
-
-
 def load(engine: Engine, model_version: str, label_names: list[str], *, last: int | None = 1000,
          since: dt.datetime | None = None, until: dt.datetime | None = None, up_to_id: int | None = None) -> Window:
     """The last `last` predictions of `model_version` (optionally within [since, until) and id ≤ up_to_id)."""
-    cols = predictions.c
-    query = select(cols.id, cols.created_at, cols.label, cols.confidence, cols.probs, cols.truncated, cols.embedding,
-                   cols.feedback_label, *(cols[name] for name in DESCRIPTOR_COLUMNS)).where(cols.model_version == model_version)
-    if since is not None:
-        query = query.where(cols.created_at >= since)
-    if until is not None:
-        query = query.where(cols.created_at < until)
-    if up_to_id is not None:
-        query = query.where(cols.id <= up_to_id)
-    query = query.order_by(cols.id.desc())
-    if last is not None:
-        query = query.limit(last)
-    with engine.connect() as conn:
-        rows = conn.execute(query).all()[::-1]
+    rows = predlog.window_rows(engine, model_version, last=last, since=since, until=until, up_to_id=up_to_id)
     frame = pd.DataFrame({
         "id": [r.id for r in rows],
         "created_at": pd.to_datetime([r.created_at for r in rows], utc=True),
@@ -89,10 +69,3 @@ def load(engine: Engine, model_version: str, label_names: list[str], *, last: in
     vectors = [np.frombuffer(r.embedding, dtype=np.float32) for r in rows if r.embedding]
     embeddings = np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
     return Window(model_version, frame, embeddings)
-
-
-def count_since(engine: Engine, model_version: str, after_id: int) -> int:
-    """How many predictions of `model_version` were logged after row `after_id`."""
-    with engine.connect() as conn:
-        return int(conn.execute(select(func.count()).select_from(predictions)
-                                .where(predictions.c.model_version == model_version, predictions.c.id > after_id)).scalar_one())

@@ -1,5 +1,4 @@
-"""The BentoML inference service of driftloop (serving, batching, prediction log, feedback, hot-swap).
+"""Serving: the BentoML service (batching, hot swap, prediction log writes, feedback, auth).
 
-May import `finetune` (registry, model loading) and `monitoring` (prediction log schema, metric
-definitions) only.
+May import `core` only: the serving image ships `core/` and `service/`, not the trainer or the loop.
 """

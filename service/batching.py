@@ -22,6 +22,7 @@ import functools
 import logging
 import time
 
+from _bentoml_impl.server import app as bentoml_app  # the module that builds the dispatchers
 from bentoml._internal.marshal.dispatcher import CorkDispatcher
 
 log = logging.getLogger("driftloop.service")
@@ -70,7 +71,5 @@ def install(linger_ms: int) -> bool:
     """Make BentoML's service app build `DemandAwareDispatcher`s; `linger_ms` 0 keeps BentoML's rule."""
     if linger_ms <= 0:
         return False
-    from _bentoml_impl.server import app  # noqa: PLC0415 - the module that builds the dispatchers
-
-    app.CorkDispatcher = functools.partial(DemandAwareDispatcher, linger_s=linger_ms / 1000)
+    bentoml_app.CorkDispatcher = functools.partial(DemandAwareDispatcher, linger_s=linger_ms / 1000)
     return True

@@ -10,7 +10,10 @@ from typing import Optional
 
 import typer
 
-from finetune.errors import DriftloopError
+from core import tokens
+from core.errors import DriftloopError
+from core.home import bentoml_home, driftloop_home
+from service.settings import PREFIX, ServiceSettings
 
 
 def serve_command(
@@ -27,9 +30,6 @@ def serve_command(
     /feedback and /admin/* need bearer tokens (DRIFTLOOP_FEEDBACK_TOKEN, DRIFTLOOP_ADMIN_TOKEN, or the
     files in $DRIFTLOOP_HOME/secrets, generated here when missing).
     """
-    from finetune import tokens  # noqa: PLC0415
-    from service.settings import PREFIX, ServiceSettings  # noqa: PLC0415
-
     flags = {"workers": workers, "device": device, "store_text": store_text, "require_predict_token": require_predict_token}
     for key, value in flags.items():
         if value is not None:
@@ -59,8 +59,6 @@ def private_bentoml_home(port: int) -> Path:
     one home (two ports, a benchmark, parallel tests) corrupt each other's metrics. Each server gets
     its own home whose `models` is a link to the one shared model store.
     """
-    from finetune.home import bentoml_home, driftloop_home  # noqa: PLC0415
-
     shared = bentoml_home()
     private = driftloop_home() / "servers" / f"port-{port}" / "bentoml"
     private.mkdir(parents=True, exist_ok=True)

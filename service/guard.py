@@ -28,7 +28,10 @@ import logging
 import time
 from typing import Callable, Collection, Mapping
 
-from finetune import tokens
+from bentoml.exceptions import BentoMLException
+from pydantic import ValidationError
+
+from core import tokens
 
 SPEC_PATH = "/docs.json"
 ERROR_SCHEMA = {
@@ -239,10 +242,6 @@ class RedactClientErrors(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if exc is None:
             return True
-        from pydantic import ValidationError  # noqa: PLC0415
-
-        from bentoml.exceptions import BentoMLException  # noqa: PLC0415
-
         if isinstance(exc, ValidationError):
             where = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['type']}" for e in exc.errors(include_input=False)[:5])
             summary = f"{exc.error_count()} validation error(s) ({where})"

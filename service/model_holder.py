@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from finetune import alias, registry
-from finetune.inference import Predictor
+from core import alias, inference, registry
+from core.inference import Predictor
 from service import metrics
 from service.settings import ServiceSettings
 
@@ -56,7 +56,7 @@ class ModelHolder:
 
     def _load(self, tag: str) -> ServingModel:
         model = registry.get(tag)
-        predictor = registry.load_predictor(tag, device=self.settings.device, precision=self.settings.precision)
+        predictor = inference.load_predictor(tag, device=self.settings.device, precision=self.settings.precision)
         for _ in range(max(1, self.settings.warmup_texts // len(WARMUP_TEXTS))):
             out = predictor.predict(WARMUP_TEXTS)
             if not torch.isfinite(torch.as_tensor(out.probs)).all():

@@ -7,7 +7,9 @@ startup   load the production model (GPU when present), warm it up, start the al
 /feedback late labels joined to logged predictions (needs the feedback token)
 /model    the serving model's tag and lineage; /admin/reload forces a poll of the alias (admin token)
 
-Auth, error shape, the OpenAPI document at /docs.json and log redaction: service/guard.py.
+Auth, error shape, the OpenAPI document at /docs.json and log redaction: service/guard.py. What this
+module changes outside the class (BentoML's home and dispatcher, middleware, logging) is done in
+one place, `install()`, called once at the bottom when BentoML imports the module.
 
 Start it with `driftloop serve` or `bentoml serve service.service:Classifier`.
 """
@@ -23,20 +25,16 @@ from typing import Annotated
 import bentoml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from finetune.home import configure_environment
+from core import predlog, registry, tokens
+from core.home import configure_environment
+from core.statedb import get_engine
+from service import batching, guard, metrics
+from service.explain import occlusion
+from service.model_holder import ModelHolder
+from service.settings import ServiceSettings
 
-configure_environment()
-
-from finetune import tokens  # noqa: E402
-from finetune.statedb import get_engine  # noqa: E402
-from monitoring import predlog  # noqa: E402
-from service import batching, guard, metrics  # noqa: E402
-from service.model_holder import ModelHolder  # noqa: E402
-from service.settings import ServiceSettings  # noqa: E402
-
-SETTINGS = ServiceSettings.from_env()
+SETTINGS = ServiceSettings.from_env()  # read once per process: the API's limits and batching are built from it
 log = logging.getLogger("driftloop.service")
-batching.install(SETTINGS.batch_linger_ms)  # before BentoML builds the app and its dispatchers
 
 
 def _not_blank(text: str) -> str:
@@ -210,8 +208,6 @@ class Classifier:
     @bentoml.api(route="/feedback")
     def feedback(self, body: FeedbackRequest, /) -> dict:
         """Late ground truth: {"request_id": ..., "label": ...} or {"items": [{"request_id": ..., "label": ...}, ...]}."""
-        from finetune import registry  # noqa: PLC0415
-
         items = body.items or [FeedbackItem(request_id=body.request_id, label=body.label)]
 
         cache: dict[str, list[str]] = {}
@@ -247,8 +243,6 @@ class Classifier:
     @bentoml.api(route="/explain")
     def explain(self, text: ExplainText) -> dict:
         """Per-word attributions for the predicted label (occlusion); one text, size-limited, not logged."""
-        from finetune.explain import occlusion  # noqa: PLC0415
-
         serving = self.models.current
         if serving is None:
             raise ServiceUnavailable("no model loaded yet")
@@ -264,19 +258,32 @@ class Classifier:
         return self.models.sync(force=True)
 
 
-# Who may call what (service/guard.py): tokens resolved once per process, generated into the home
-# when neither the environment nor the home has them, so a bare `driftloop serve` is never open.
-AUTH_RULES: dict[str, tokens.Kind] = {"/feedback": "feedback", "/admin/": "admin"}
-if SETTINGS.require_predict_token:
-    AUTH_RULES.update({"/predict": "predict", "/explain": "predict"})
-Classifier.add_asgi_middleware(guard.Guard, rules=AUTH_RULES, secrets=tokens.require(sorted(set(AUTH_RULES.values()))),
-                               spec=lambda: Classifier.openapi_spec.asdict(), json_paths=[a.route for a in Classifier.apis.values()],
-                               extra_responses={"/feedback": {422: "A label the model does not know"}})
-guard.install_log_redaction()
+def install(service=Classifier, settings: ServiceSettings = SETTINGS) -> None:
+    """Everything serving changes outside this class, in one place, done once when BentoML imports
+    this module (before it builds the app and its dispatchers):
 
-# BentoML 1.4 works out each response's mime type by generating the output model's JSON schema on
-# every response (`IOMixin.mime_type` when `media_type` is unset): py-spy put it at ~9 % of the event
-# loop's time at 32 concurrent clients. Every endpoint here answers JSON, so say so once.
-for _api in Classifier.apis.values():
-    if _api.output_spec.media_type is None:
-        _api.output_spec.media_type = "application/json"
+    - points BentoML at driftloop's home (core/home.py);
+    - installs the demand-aware batch release rule over BentoML's dispatcher (service/batching.py);
+    - adds the auth/error middleware (service/guard.py): who may call what, with tokens resolved once
+      per process and generated into the home when neither the environment nor the home has them,
+      so a bare `driftloop serve` is never open;
+    - drops request content from BentoML's tracebacks (guard.install_log_redaction);
+    - declares every endpoint's media type: BentoML 1.4 otherwise works out each response's mime
+      type by generating the output model's JSON schema on every response (`IOMixin.mime_type` when
+      `media_type` is unset): py-spy put it at ~9 % of the event loop's time at 32 concurrent clients.
+    """
+    configure_environment()
+    batching.install(settings.batch_linger_ms)
+    rules: dict[str, tokens.Kind] = {"/feedback": "feedback", "/admin/": "admin"}
+    if settings.require_predict_token:
+        rules.update({"/predict": "predict", "/explain": "predict"})
+    service.add_asgi_middleware(guard.Guard, rules=rules, secrets=tokens.require(sorted(set(rules.values()))),
+                                spec=lambda: service.openapi_spec.asdict(), json_paths=[a.route for a in service.apis.values()],
+                                extra_responses={"/feedback": {422: "A label the model does not know"}})
+    guard.install_log_redaction()
+    for api in service.apis.values():
+        if api.output_spec.media_type is None:
+            api.output_spec.media_type = "application/json"
+
+
+install()

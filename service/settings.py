@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from finetune.errors import DriftloopError
+from core.errors import DriftloopError
 
 PREFIX = "DRIFTLOOP_SERVICE_"
 

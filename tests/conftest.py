@@ -89,7 +89,7 @@ def state_db_url(request, tmp_path, monkeypatch) -> str:
         url = request.getfixturevalue("postgres_server").create_database()
     monkeypatch.setenv("DRIFTLOOP_DB_URL", url)
     yield url
-    from finetune.statedb import dispose_engine
+    from core.statedb import dispose_engine
 
     dispose_engine(url)
 

@@ -1,7 +1,7 @@
 import pytest
 
-from finetune import alias
-from finetune.errors import DriftloopError
+from core import alias
+from core.errors import DriftloopError
 
 
 def test_promote_and_stacked_rollbacks(db_url):
@@ -31,7 +31,7 @@ def test_rollback_to_a_named_model_and_errors(db_url):
 
 
 def test_alias_survives_a_new_engine(db_url):
-    from finetune.statedb import dispose_engines
+    from core.statedb import dispose_engines
 
     alias.promote("m:7")
     dispose_engines()

@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import REPO, cli_json
 from tests.service_helpers import Server
 
-# ---------------------------------------------------------------- finetune/tokens.py
+# ---------------------------------------------------------------- core/tokens.py
 
 
 @pytest.fixture()
@@ -28,7 +28,7 @@ def token_home(tmp_path, monkeypatch):
 
 
 def test_ensure_generates_a_private_token_once_and_the_environment_wins(token_home, monkeypatch):
-    from finetune import tokens
+    from core import tokens
 
     assert tokens.get("feedback") is None
     assert tokens.ensure("feedback") is True
@@ -52,7 +52,7 @@ def test_ensure_generates_a_private_token_once_and_the_environment_wins(token_ho
 
 def test_concurrent_ensure_agrees_on_one_token(token_home):
     """Several processes (service workers) racing to create the token: exactly one wins, all read it."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from finetune import tokens; "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from core import tokens; "
             "print(int(tokens.ensure('admin')), tokens.get('admin'))")
     env = {**os.environ, "DRIFTLOOP_HOME": str(token_home)}
     procs = [subprocess.Popen([sys.executable, "-c", code, str(REPO)], env=env, stdout=subprocess.PIPE, text=True) for _ in range(6)]
@@ -62,8 +62,8 @@ def test_concurrent_ensure_agrees_on_one_token(token_home):
 
 
 def test_up_prints_a_generated_token_once_then_only_its_path(token_home, monkeypatch):
-    from finetune import tokens
-    from monitoring.stack import ensure_tokens
+    from core import tokens
+    from driftloop.stack import ensure_tokens
 
     monkeypatch.delenv("DRIFTLOOP_SERVICE_REQUIRE_PREDICT_TOKEN", raising=False)
     first: list[str] = []
@@ -99,7 +99,7 @@ def test_serve_refuses_bad_tokens_with_one_line(home, env, message):
     ("Bearer right-token-0123456789", None), ("bearer right-token-0123456789", None), ("  Bearer  right-token-0123456789 ", None),
 ])
 def test_check(header, expected):
-    from finetune import tokens
+    from core import tokens
 
     assert tokens.check("right-token-0123456789", header) == expected
 
@@ -212,7 +212,7 @@ def test_predict_token_option_and_generated_tokens(tmp_path, served):
 
 
 def test_replay_sends_the_feedback_token_of_its_home(served, monkeypatch):
-    from monitoring.replay import replay
+    from driftloop.replay import replay
 
     monkeypatch.setenv("DRIFTLOOP_FEEDBACK_TOKEN", served.feedback_token)
     stats = replay(served.url, [("the tent is great", "positive"), ("awful", "negative")], concurrency=2, feedback_fraction=1.0)
@@ -232,7 +232,7 @@ ADMIN = "admin-api-token-0123456789"
 
 def _fake_model(name: str) -> str:
     """A registered model with a lineage but no weights: it passes registry.get, not the load check."""
-    from finetune import registry
+    from core import registry
 
     return registry.register(name, lambda directory, tag: (directory / "config.json").write_text("{}"),
                              {"label_names": ["negative", "positive"], "base_model": "none"})
@@ -243,12 +243,14 @@ def admin(db_url):
     from starlette.applications import Starlette
     from starlette.testclient import TestClient
 
-    from finetune.statedb import get_engine
-    from monitoring.admin_api import admin_routes
+    from core.statedb import get_engine
+    from loop.admin_api import admin_routes
+    from loop.refine_jobs import RefineJobs
 
     engine = get_engine()
-    with TestClient(Starlette(routes=admin_routes(engine, token=ADMIN))) as client:
-        yield client, engine
+    jobs = RefineJobs()
+    with TestClient(Starlette(routes=admin_routes(engine, token=ADMIN, jobs=jobs))) as client:
+        yield client, engine, jobs
 
 
 def _admin(client, path: str, body=None, token: str | None = ADMIN, raw: bytes | None = None):
@@ -259,7 +261,7 @@ def _admin(client, path: str, body=None, token: str | None = ADMIN, raw: bytes |
 
 
 def test_admin_api_needs_the_admin_token(admin):
-    client, _ = admin
+    client, _, _ = admin
     for path in ("/admin/retrain", "/admin/promote", "/admin/rollback"):
         r = _admin(client, path, token=None)
         assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer") and r.json()["error"]
@@ -268,10 +270,9 @@ def test_admin_api_needs_the_admin_token(admin):
 
 
 def test_admin_promote_and_rollback_with_the_cli_checks(admin):
-    from finetune import alias
-    from finetune import audit
+    from core import alias, audit
 
-    client, engine = admin
+    client, engine, _ = admin
     first, second = _fake_model("admin-api-test"), _fake_model("admin-api-test")
     assert _admin(client, "/admin/rollback").status_code == 409  # nothing promoted yet
     missing = _admin(client, "/admin/promote", {"model_version": "admin-api-test:doesnotexist"})
@@ -297,30 +298,29 @@ def test_admin_promote_and_rollback_with_the_cli_checks(admin):
     (b'{"model_version": "m:1", "extra": 1}', "extra"), (b'{"model_version": 5}', "model_version"),
 ])
 def test_admin_bad_bodies_are_400_with_a_message(admin, raw, message):
-    client, _ = admin
+    client, _, _ = admin
     r = _admin(client, "/admin/promote", raw=raw)
     assert r.status_code == 400 and message in r.json()["error"], r.text
 
 
 def test_admin_retrain_starts_one_refinement_at_a_time(admin, monkeypatch):
-    from finetune import alias
-    from finetune import audit
-    from monitoring import loop
+    from core import alias, audit
+    from loop import refine_jobs
 
-    client, engine = admin
+    client, engine, jobs = admin
     assert _admin(client, "/admin/retrain").status_code == 409  # no production model
     alias.promote("m:1", engine=engine)
     assert _admin(client, "/admin/retrain", raw=b"[]").status_code == 400
     done = '{"challenger": null, "promoted": false}'
-    monkeypatch.setattr(loop, "refine_command", lambda *a, **k: [sys.executable, "-c", f"import time; time.sleep(1.0); print('{done}')"])
+    monkeypatch.setattr(refine_jobs, "refine_command", lambda *a, **k: [sys.executable, "-c", f"import time; time.sleep(1.0); print('{done}')"])
     started = _admin(client, "/admin/retrain", {"reason": "on demand"})
     assert started.status_code == 202 and started.json() == {"started": True, "champion": "m:1"}
     busy = _admin(client, "/admin/retrain")
     assert busy.status_code == 409 and "already running" in busy.json()["error"]
     deadline = time.time() + 30
-    while loop.refine_running() and time.time() < deadline:
+    while jobs.running() and time.time() < deadline:
         time.sleep(0.1)
-    assert not loop.refine_running()
+    assert not jobs.running()
     policy = audit.last(engine, "policy")
     assert policy["actor"] == "admin-api" and "on demand" in policy["reason"]
 
@@ -329,16 +329,17 @@ def test_admin_retrain_on_a_standby_controller_is_refused(db_url):
     from starlette.applications import Starlette
     from starlette.testclient import TestClient
 
-    from finetune import alias
-    from finetune.statedb import get_engine
-    from monitoring import loop
-    from monitoring.admin_api import admin_routes
+    from core import alias
+    from core.statedb import get_engine
+    from loop.admin_api import admin_routes
+    from loop.refine_jobs import RefineJobs
 
     engine = get_engine()
     alias.promote("m:1", engine=engine)
-    with TestClient(Starlette(routes=admin_routes(engine, token=ADMIN, is_leader=lambda: False))) as client:
+    jobs = RefineJobs()
+    with TestClient(Starlette(routes=admin_routes(engine, token=ADMIN, is_leader=lambda: False, jobs=jobs))) as client:
         r = _admin(client, "/admin/retrain")
-    assert r.status_code == 409 and "standby" in r.json()["error"] and not loop.refine_running()
+    assert r.status_code == 409 and "standby" in r.json()["error"] and not jobs.running()
 
 
 # ---------------------------------------------------------------- the controller's reports
@@ -353,8 +354,8 @@ def test_admin_retrain_on_a_standby_controller_is_refused(db_url):
 def test_reports_endpoint_serves_only_report_files(tmp_path, monkeypatch, path):
     from starlette.testclient import TestClient
 
-    from finetune.statedb import get_engine
-    from monitoring.controller import MetricsRefresher, build_app
+    from core.statedb import get_engine
+    from loop.controller import MetricsRefresher, build_app
 
     home = tmp_path / "home"
     (home / "reports").mkdir(parents=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from core.modeling import load_classifier, load_tokenizer
 from finetune.averaging import average_with_start, interpolate
 from finetune.data import Split
-from finetune.modeling import load_classifier, load_tokenizer
 
 
 def _perturbed(model: torch.nn.Module, scale: float) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 import pytest
 
+from core.errors import DriftloopError
 from finetune.config import TrainConfig, apply_overrides, load_config
-from finetune.errors import DriftloopError
 
 
 def test_defaults_make_a_working_config():

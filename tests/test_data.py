@@ -3,8 +3,8 @@ import json
 import pandas as pd
 import pytest
 
-from finetune.data import augment, demo_path, oversample, prepare, Split
-from finetune.errors import DriftloopError
+from core.errors import DriftloopError
+from finetune.data import Split, augment, demo_path, oversample, prepare
 
 
 def _rows(n=40):

@@ -45,7 +45,7 @@ REQUIRED = ("model.safetensors", "config.json", "tokenizer.json", "driftloop.jso
 
 
 def _engine(home: Path):
-    from finetune.statedb import get_engine
+    from core.statedb import get_engine
 
     return get_engine(f"sqlite:///{home / 'state.db'}")
 
@@ -79,20 +79,20 @@ def _metric(text: str, name: str, **labels) -> float:
 
 
 def _production(home: Path) -> str | None:
-    from finetune import alias
+    from core import alias
 
     state = alias.current(engine=_engine(home))
     return state.tag if state else None
 
 
 def _events(home: Path, *kinds: str, after: int = 0) -> list[dict]:
-    from finetune import audit
+    from core import audit
 
     return [e for e in audit.history(_engine(home), limit=200, kinds=kinds or None) if e["id"] > after][::-1]
 
 
 def _last_event_id(home: Path) -> int:
-    from finetune import audit
+    from core import audit
 
     latest = audit.history(_engine(home), limit=1)
     return latest[0]["id"] if latest else 0
@@ -192,7 +192,7 @@ class Controller:
 
 def _refine_sets(home: Path, epochs: int) -> list[str]:
     """A schedule policy that retrains at the next pass, exactly once more than the day's retrains so far."""
-    from finetune import audit
+    from core import audit
 
     done = audit.count_since(_engine(home), "retrain_started", dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=24))
     return ["policy.mode=schedule", "policy.schedule_every_h=0.0001", "policy.cooldown_s=0", "policy.min_new_labels=0",
@@ -322,10 +322,10 @@ def test_locked_state_db_answers_a_quick_503_logs_nothing_recovers_and_fires_the
 
 INJECT_CORRUPTION = """
 import sys
-from finetune.home import configure_environment
+from core.home import configure_environment
 configure_environment()
 import finetune.pipeline as pipeline
-from finetune import registry
+from core import registry
 real = pipeline.register_fitted
 
 def register_then_truncate(*args, **kwargs):
@@ -374,7 +374,7 @@ def test_corrupt_challenger_is_refused_by_the_gate_by_promote_and_by_the_service
     assert _production(home) == champion
 
     # (c) the pointer moved anyway (written directly, bypassing the check): the service keeps the champion
-    from finetune import alias
+    from core import alias
 
     swap_failures = _metric(httpx.get(f"{url}/metrics", timeout=10).text, "driftloop_model_swap_failures_total")
     alias.promote(corrupt, reason="test: bypass the load check", actor="test", engine=_engine(home))
@@ -429,31 +429,34 @@ def test_refinement_killed_like_by_the_oom_killer_is_recorded_and_exported_and_t
 
 
 def test_recover_interrupted_records_each_open_refinement_once(db_url):
-    from finetune.statedb import get_engine
-    from finetune import audit
-    from monitoring import exporter, loop
+    from core import audit
+    from core.statedb import get_engine
+    from loop.refine_jobs import RefineJobs
+    from monitoring import exporter
 
     engine = get_engine()
+    jobs = RefineJobs()
     failed = exporter.RETRAINS.labels(outcome="failed")
-    assert loop.recover_interrupted(engine) == 0  # an empty trail
+    assert jobs.recover_interrupted(engine) == 0  # an empty trail
     audit.record(engine, "retrain_started", "m:1", trigger="t1")
     audit.record(engine, "retrain_succeeded", "m:2", promoted=False)
     a = audit.record(engine, "retrain_started", "m:1", trigger="t2")  # its controller died: the next event is a start
     b = audit.record(engine, "retrain_started", "m:1", trigger="t3")
     audit.record(engine, "retrain_failed", "m:1", exit_code=3)
     c = audit.record(engine, "retrain_started", "m:1", trigger="t4")  # the last one, never finished
-    with loop._refine_lock:  # a refinement of this process is running: never touch the trail
-        assert loop.recover_interrupted(engine) == 0
+    busy = RefineJobs()
+    busy.running = lambda: True  # a refinement of this process is running: never touch the trail
+    assert busy.recover_interrupted(engine) == 0
     count_before = failed._value.get()
-    assert loop.recover_interrupted(engine) == 2
+    assert jobs.recover_interrupted(engine) == 2
     assert failed._value.get() == count_before + 2
     recovered = [e for e in audit.history(engine, kinds=("retrain_failed",)) if e.get("reason") == INTERRUPTED]
     assert sorted(e["started_id"] for e in recovered) == [a, c]
     assert b not in {e["started_id"] for e in recovered}
-    assert loop.recover_interrupted(engine) == 0  # recorded once, whatever follows
+    assert jobs.recover_interrupted(engine) == 0  # recorded once, whatever follows
     audit.record(engine, "retrain_started", "m:1", trigger="t5")
     audit.record(engine, "retrain_succeeded", "m:3", promoted=True)
-    assert loop.recover_interrupted(engine) == 0
+    assert jobs.recover_interrupted(engine) == 0
 
 
 def test_kill_9_of_the_controller_mid_refinement_kills_the_job_registers_nothing_and_the_next_refinement_works(
@@ -484,16 +487,16 @@ def test_kill_9_of_the_controller_mid_refinement_kills_the_job_registers_nothing
     assert _production(home) == champion
     assert not _events(home, "gate", "promotion", "retrain_succeeded", "retrain_failed", after=start_id)
 
-    # the next controller records the job as failed (monitoring/controller.py calls recover_interrupted when it leads)
-    integrated = "recover_interrupted" in (REPO / "monitoring" / "controller.py").read_text()
+    # the next controller records the job as failed (loop/controller.py calls recover_interrupted when it leads)
+    integrated = "recover_interrupted" in (REPO / "loop" / "controller.py").read_text()
     after = Controller(home, ["policy.mode=manual"], monitor_interval=3600)
     try:
         if integrated:
             _wait(lambda: _events(home, "retrain_failed", after=start_id), 90, "the new controller to record the interrupted job")
         else:  # the controller integration is not there yet: call it as the controller will
-            from monitoring import loop
+            from loop.refine_jobs import RefineJobs
 
-            assert loop.recover_interrupted(_engine(home)) == 1
+            assert RefineJobs().recover_interrupted(_engine(home)) == 1
     finally:
         assert after.close() == 0, after.log_tail()
     failed = _events(home, "retrain_failed", after=start_id)

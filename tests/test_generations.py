@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from monitoring.demo import Proc
+from driftloop.procs import Proc
 from tests.conftest import DEMO, cli_json
 from tests.service_helpers import free_port
 from tests.traffic import log_traffic
@@ -71,9 +71,9 @@ def _refine_through_a_controller(home: Path, kill: bool) -> dict:
 
 
 def test_two_generations_replay_every_ancestor_and_grow_the_regression_suite(tmp_path, tiny_model_dir, monkeypatch):
-    from finetune import data_store
-    from finetune.data_store import DatasetRef
-    from monitoring.refine import allocate
+    from core import data_store
+    from core.data_store import DatasetRef
+    from loop.refine import allocate
 
     home = tmp_path / "home"
     home.mkdir()
@@ -128,7 +128,7 @@ def test_two_generations_replay_every_ancestor_and_grow_the_regression_suite(tmp
 
 
 def test_allocate_shares_replay_equally_and_gives_what_a_small_generation_lacks_to_the_others():
-    from monitoring.refine import allocate
+    from loop.refine import allocate
 
     assert allocate(100, {"g0": 1000, "g1": 1000}) == {"g0": 50, "g1": 50}
     assert allocate(100, {"g0": 1000, "g1": 10, "g2": 1000}) == {"g0": 45, "g1": 10, "g2": 45}
@@ -138,8 +138,8 @@ def test_allocate_shares_replay_equally_and_gives_what_a_small_generation_lacks_
 
 
 def test_dataset_store_is_content_addressed_and_refuses_a_corrupt_file(tmp_path, monkeypatch):
-    from finetune import data_store
-    from finetune.errors import DriftloopError
+    from core import data_store
+    from core.errors import DriftloopError
 
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
     rows = [("a text\twith a tab and \"quotes\"", "pos"), ("another", "neg")]

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from monitoring.demo import Proc
+from driftloop.procs import Proc
 from tests.conftest import DEMO, cli_json
 from tests.service_helpers import free_port
 from tests.traffic import log_traffic
@@ -43,7 +43,7 @@ def _env(home: Path, bentoml_home: Path, db_url: str) -> dict:
 
 
 class Controller:
-    """A real `driftloop controller` subprocess (monitoring.demo.Proc: own process group, log file)."""
+    """A real `driftloop controller` subprocess (driftloop.procs.Proc: own process group, log file)."""
 
     def __init__(self, name: str, home: Path, env: dict):
         self.name = name
@@ -102,9 +102,8 @@ def test_two_controllers_one_leader_one_retrain_and_takeover_after_sigkill(backe
     dies with its controller; the new leader records it as failed and, in the cooldown, does not
     start another)."""
 
-    from finetune import alias
-    from finetune.statedb import dispose_engine, get_engine
-    from finetune import audit
+    from core import alias, audit
+    from core.statedb import dispose_engine, get_engine
 
     home = tmp_path / "home"
     home.mkdir()

@@ -16,8 +16,8 @@ def _log_labelled(engine, version: str, served_and_truth: list[tuple[str, str]])
 
     import numpy as np
 
-    from finetune.descriptors import DESCRIPTOR_COLUMNS
-    from monitoring import predlog
+    from core import predlog
+    from core.descriptors import DESCRIPTOR_COLUMNS
 
     predlog.ensure_schema(engine)
     rows = [predlog.LoggedPrediction(uuid.uuid4().hex, f"t{i}", served, 0.9, {"pos": 0.9, "neg": 0.1},
@@ -42,22 +42,23 @@ class _Shadow:
 
 
 def test_bake_pairs_the_previous_champion_on_the_same_items_and_rolls_back_only_on_evidence(db_url):
-    from finetune import alias, audit, production
-    from finetune.statedb import get_engine
-    from monitoring import loop
-    from monitoring.policy import PolicyConfig
+    from core import alias, audit, production
+    from core.statedb import get_engine
+    from loop import bake
+    from loop.policy import PolicyConfig
+    from monitoring.verdict import Verdict
 
     engine = get_engine()
     policy = PolicyConfig(bake_labels=100, bake_alpha=0.05)
     production.promote("m:1", reason="first", actor="test", engine=engine, verify=False)
-    assert loop.in_bake(engine, "m:1") is None  # a first model has nothing to bake against
+    assert bake.in_bake(engine, "m:1") is None  # a first model has nothing to bake against
     production.promote("m:2", reason="gate", actor="test", engine=engine, verify=False)
-    assert loop.in_bake(engine, "m:2")["previous"] == "m:1"
+    assert bake.in_bake(engine, "m:2")["previous"] == "m:1"
     # 100 labelled items served by m:2: right on 80; m:1 would have been right on 80 of them plus 15 more
     _log_labelled(engine, "m:2", [("pos", "pos")] * 80 + [("pos", "neg")] * 20)
     worse = _Shadow([True] * 80 + [True] * 15 + [False] * 5)
-    assert loop.bake_check(engine, {"model_version": "m:2"}, PolicyConfig(bake_labels=101), scorer=worse) is None  # too few yet
-    assert loop.bake_check(engine, {"model_version": "m:2"}, policy, scorer=worse) == "rollback"
+    assert bake.bake_check(engine, Verdict("m:2"), PolicyConfig(bake_labels=101), scorer=worse) is None  # too few yet
+    assert bake.bake_check(engine, Verdict("m:2"), policy, scorer=worse) == "rollback"
     assert worse.asked == [("m:1", [f"t{i}" for i in range(100)])]  # the same items, scored by the previous champion
     assert alias.current(engine=engine).tag == "m:1"
     rb = audit.last(engine, "rollback")
@@ -68,19 +69,19 @@ def test_bake_pairs_the_previous_champion_on_the_same_items_and_rolls_back_only_
     production.promote("m:3", reason="gate", actor="test", engine=engine, verify=False)
     _log_labelled(engine, "m:3", [("pos", "pos")] * 85 + [("pos", "neg")] * 15)
     close = _Shadow([True] * 83 + [False] * 2 + [True] * 3 + [False] * 12)
-    assert loop.bake_check(engine, {"model_version": "m:3"}, policy, scorer=close) == "bake_passed"
-    assert loop.bake_check(engine, {"model_version": "m:3"}, policy, scorer=close) is None  # decided once
-    assert loop.in_bake(engine, "m:3") is None
+    assert bake.bake_check(engine, Verdict("m:3"), policy, scorer=close) == "bake_passed"
+    assert bake.bake_check(engine, Verdict("m:3"), policy, scorer=close) is None  # decided once
+    assert bake.in_bake(engine, "m:3") is None
     assert alias.current(engine=engine).tag == "m:3"
     passed = audit.last(engine, "bake_passed")
     assert passed["paired"]["n"] == 100 and passed["paired"]["losses"] == 3 and passed["paired"]["gains"] == 2
 
 
 def test_a_stale_leader_cannot_move_production(db_url):
-    from finetune import alias, audit, production
-    from finetune.errors import DriftloopError
-    from finetune.statedb import get_engine
-    from monitoring import lease
+    from core import alias, audit, production
+    from core.errors import DriftloopError
+    from core.statedb import get_engine
+    from loop import lease
 
     engine = get_engine()
     lease.ensure_schema(engine)
@@ -120,7 +121,7 @@ def test_cli_promote_and_rollback_write_the_audit_trail(home, tiny_model_dir):
 
 
 def test_configs_whose_gate_can_never_decide_or_that_train_on_anonymous_text_are_refused(home, monkeypatch):
-    from monitoring.refine import RefineConfig
+    from loop.refine_config import RefineConfig
 
     cases = [
         (["refine.min_fresh_labels=60", "refine.gate_fraction=0.3"], "error: invalid config: refine: Value error, min_fresh_labels 60 x"),
@@ -136,20 +137,21 @@ def test_configs_whose_gate_can_never_decide_or_that_train_on_anonymous_text_are
 
 
 def test_only_one_refinement_runs_at_a_time_and_a_failure_is_recorded(db_url, monkeypatch):
-    from finetune.statedb import get_engine
-    from finetune import audit
-    from monitoring import loop
-    from monitoring.refine import RefineConfig
+    from core import audit
+    from core.statedb import get_engine
+    from loop import refine_jobs
+    from loop.refine_config import RefineConfig
 
     engine = get_engine()
-    monkeypatch.setattr(loop, "refine_command", lambda *a, **k: [sys.executable, "-c", "import time, sys; time.sleep(1.5); sys.exit(3)"])
-    assert loop.start_refine(engine, RefineConfig(), "test", "m:1") is True
-    assert loop.refine_running()
-    assert loop.start_refine(engine, RefineConfig(), "test", "m:1") is False  # never two at once
+    jobs = refine_jobs.RefineJobs()
+    monkeypatch.setattr(refine_jobs, "refine_command", lambda *a, **k: [sys.executable, "-c", "import time, sys; time.sleep(1.5); sys.exit(3)"])
+    assert jobs.start(engine, RefineConfig(), "test", "m:1") is True
+    assert jobs.running()
+    assert jobs.start(engine, RefineConfig(), "test", "m:1") is False  # never two at once
     deadline = time.time() + 30
-    while loop.refine_running() and time.time() < deadline:
+    while jobs.running() and time.time() < deadline:
         time.sleep(0.1)
-    assert not loop.refine_running()
+    assert not jobs.running()
     failed = audit.last(engine, "retrain_failed")
     assert failed is not None and failed["exit_code"] == 3
 
@@ -256,7 +258,7 @@ def test_scheduled_passes_give_a_verdict_only_on_enough_new_predictions(home, ti
 
     import httpx
 
-    from monitoring.demo import Proc
+    from driftloop.procs import Proc
     from tests.conftest import DEMO
     from tests.service_helpers import free_port
     from tests.traffic import log_traffic
@@ -273,7 +275,7 @@ def test_scheduled_passes_give_a_verdict_only_on_enough_new_predictions(home, ti
                        "--set", "monitor.min_new_predictions=60", "--set", "monitor.report=false", "--set", "policy.mode=manual"],
                       env, home / "controller.log")
 
-    from finetune.statedb import get_engine
+    from core.statedb import get_engine
     from monitoring import store
 
     engine = get_engine(f"sqlite:///{home / 'state.db'}")

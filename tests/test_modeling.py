@@ -2,8 +2,10 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.inference import Predictor
-from finetune.modeling import encoder_layers, freeze, load_classifier, load_tokenizer, resolve_base_model, unfreeze_schedule
+from core.base_model import resolve_base_model
+from core.inference import Predictor
+from core.modeling import load_classifier, load_tokenizer
+from finetune.layers import encoder_layers, freeze, unfreeze_schedule
 
 
 def _trainable(module):

@@ -17,7 +17,6 @@ import pytest
 from monitoring import stats
 from tests.conftest import cli_json, run_cli, shared_data
 
-
 # ---------------------------------------------------------------- statistics
 
 def test_wilson_interval_matches_known_values():
@@ -48,7 +47,7 @@ def test_mmd_permutation_test_controls_false_alarms_and_detects_shift():
 def test_vectorised_macro_f1_agrees_with_sklearn():
     from sklearn.metrics import f1_score
 
-    from monitoring.monitor import macro_f1
+    from monitoring.analysis import macro_f1
 
     rng = np.random.default_rng(0)
     for k in (2, 3, 5):

@@ -7,8 +7,8 @@ import datetime as dt
 import numpy as np
 import pytest
 
-from monitoring.gate import GateConfig, evaluate, mcnemar_one_sided
-from monitoring.policy import PolicyConfig, Signals, decide
+from loop.gate import GateConfig, evaluate, mcnemar_one_sided
+from loop.policy import PolicyConfig, Signals, decide
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.timezone.utc)
 
@@ -163,7 +163,7 @@ def test_gate_non_inferiority_needs_a_suite_large_enough_to_decide():
 
 
 def test_non_inferiority_test_holds_its_size_at_the_margin_and_has_power_inside_it():
-    from monitoring.paired import noninferiority_n, noninferiority_p
+    from loop.paired import noninferiority_n, noninferiority_p
 
     rng = np.random.default_rng(7)
     n, margin, alpha, rounds = 600, 0.02, 0.05, 3000

@@ -16,7 +16,7 @@ TEXTS = ["the laptop works perfectly", "the tent broke the second time I used it
 
 
 def test_service_on_postgres_predicts_takes_feedback_and_loses_nothing_on_kill_9(tmp_path, tiny_model_dir, postgres_server):
-    from monitoring.predlog import predictions
+    from core.predlog import predictions
 
     url = postgres_server.create_database()
     home = tmp_path / "home"

@@ -2,7 +2,7 @@
 
 Every table driftloop keeps in the state DB: the prediction log, the production alias, the loop's
 audit trail, monitor runs, tuning trials, APScheduler's job store and the leader lease. Registered
-models themselves live in BentoML's file store (finetune/registry.py keeps no table).
+models themselves live in BentoML's file store (core/registry.py keeps no table).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ PLUS2 = dt.timezone(dt.timedelta(hours=2))
 
 
 def _engine(url):
-    from finetune.statedb import get_engine
+    from core.statedb import get_engine
 
     return get_engine(url)
 
@@ -31,8 +31,8 @@ def _aware_utc(value: dt.datetime) -> bool:
 # -- prediction log -------------------------------------------------------------------------------
 
 def _predictions(n: int, start: int = 0):
-    from finetune.descriptors import DESCRIPTOR_COLUMNS
-    from monitoring.predlog import LoggedPrediction
+    from core.descriptors import DESCRIPTOR_COLUMNS
+    from core.predlog import LoggedPrediction
 
     return [LoggedPrediction(request_id=f"{start + i:032x}", text=f"text number {start + i} é", label="positive" if i % 2 else "negative",
                              confidence=0.75, probs={"negative": 0.25, "positive": 0.75},
@@ -43,7 +43,8 @@ def _predictions(n: int, start: int = 0):
 def test_prediction_log_batches_feedback_and_windows(state_db_url):
     from sqlalchemy import select
 
-    from monitoring import predlog, window
+    from core import predlog
+    from monitoring import window
 
     engine = _engine(state_db_url)
     predlog.ensure_schema(engine)
@@ -92,8 +93,8 @@ def test_prediction_log_batches_feedback_and_windows(state_db_url):
 # -- production alias -----------------------------------------------------------------------------
 
 def test_alias_promote_rollback_stacking_and_history(state_db_url):
-    from finetune import alias
-    from finetune.errors import DriftloopError
+    from core import alias
+    from core.errors import DriftloopError
 
     engine = _engine(state_db_url)
     assert alias.current(engine=engine) is None
@@ -118,7 +119,7 @@ def test_alias_promote_rollback_stacking_and_history(state_db_url):
 
 def test_concurrent_promotions_leave_a_consistent_pointer(state_db_url):
     """Two writers promoting at once: every move is recorded on top of the one before (no lost update)."""
-    from finetune import alias
+    from core import alias
 
     engine = _engine(state_db_url)
     alias.promote("base:0", engine=engine)
@@ -148,7 +149,7 @@ def test_concurrent_promotions_leave_a_consistent_pointer(state_db_url):
 
 
 def test_first_promotions_racing_on_an_empty_table_both_land(state_db_url):
-    from finetune import alias
+    from core import alias
 
     engine = _engine(state_db_url)
     alias.ensure_schema(engine)
@@ -177,7 +178,7 @@ def test_first_promotions_racing_on_an_empty_table_both_land(state_db_url):
 # -- audit trail, monitor runs, tuning trials ------------------------------------------------------
 
 def test_audit_trail_order_details_and_time_filters(state_db_url):
-    from finetune import audit
+    from core import audit
 
     engine = _engine(state_db_url)
     first = audit.record(engine, "policy", "m:1", action="skip", reason="x" * 3000, signals={"n": 1})
@@ -197,7 +198,7 @@ def test_audit_trail_order_details_and_time_filters(state_db_url):
 
 
 def _pass(version: str, drift: bool | None, status: str = "ok", start: dt.datetime | None = None):
-    from monitoring.monitor import PassResult, TestResult
+    from monitoring.analysis import PassResult, TestResult
 
     start = start or dt.datetime(2026, 5, 1, 12, 0, tzinfo=PLUS2)
     return PassResult(model_version=version, status=status, drift=drift, window_size=300, window_first_id=1, window_last_id=300,
@@ -235,8 +236,8 @@ def test_monitor_runs_store(state_db_url):
 def test_tuning_trials_table(state_db_url):
     from sqlalchemy import insert, select
 
+    from core.statedb import create_tables
     from finetune import tune
-    from finetune.statedb import create_tables
 
     engine = _engine(state_db_url)
     create_tables(tune.metadata, engine)
@@ -258,7 +259,7 @@ def test_scheduler_jobs_persist_in_the_state_db_across_restarts(state_db_url):
     from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
     from apscheduler.schedulers.background import BackgroundScheduler
 
-    from monitoring import controller
+    from loop import controller
 
     settings = controller.ControllerSettings(monitor_interval_s=3600)
     first = controller.build_scheduler(settings)  # jobs in DRIFTLOOP_DB_URL, i.e. this test's DB
@@ -288,7 +289,7 @@ def test_scheduler_jobs_persist_in_the_state_db_across_restarts(state_db_url):
 # -- leader lease ---------------------------------------------------------------------------------
 
 def test_lease_acquire_renew_release_and_fencing(state_db_url):
-    from monitoring import lease
+    from loop import lease
 
     engine = _engine(state_db_url)
     lease.ensure_schema(engine)
@@ -311,7 +312,7 @@ def test_lease_acquire_renew_release_and_fencing(state_db_url):
 
 
 def test_an_expired_lease_goes_to_exactly_one_contender(state_db_url):
-    from monitoring import lease
+    from loop import lease
 
     engine = _engine(state_db_url)
     lease.ensure_schema(engine)
@@ -344,7 +345,7 @@ def test_an_expired_lease_goes_to_exactly_one_contender(state_db_url):
 
 
 def test_leader_elector_one_leader_handover_on_stop_and_on_death(state_db_url):
-    from monitoring import lease
+    from loop import lease
 
     engine = _engine(state_db_url)
     settings = lease.LeaseSettings(ttl_s=1.5)
@@ -396,7 +397,7 @@ def test_a_locked_postgres_row_is_an_error_not_a_hang(postgres_server, monkeypat
     from sqlalchemy import text
     from sqlalchemy.exc import OperationalError
 
-    from finetune import alias, statedb
+    from core import alias, statedb
 
     url = postgres_server.create_database()
     engine = statedb.get_engine(url, lock_timeout_s=0.3)  # the short timeout, as the service asks for its writes
@@ -418,7 +419,7 @@ def test_a_locked_postgres_row_is_an_error_not_a_hang(postgres_server, monkeypat
 def test_a_plain_postgres_url_uses_psycopg_3(postgres_server):
     from sqlalchemy import text
 
-    from finetune.statedb import dispose_engine, get_engine
+    from core.statedb import dispose_engine, get_engine
 
     url = postgres_server.create_database().replace("postgresql+psycopg://", "postgresql://")
     engine = get_engine(url)
@@ -432,8 +433,8 @@ def test_a_plain_postgres_url_uses_psycopg_3(postgres_server):
 
 
 def test_estimation_error_is_measured_on_the_newest_labelled_predictions(state_db_url):
-    from finetune.statedb import get_engine
-    from monitoring import predlog
+    from core import predlog
+    from core.statedb import get_engine
     from tests.test_loop import _log_labelled
 
     engine = get_engine(state_db_url)

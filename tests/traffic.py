@@ -12,10 +12,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 _CODE = """
 import json, sys, uuid
-from finetune.home import configure_environment; configure_environment()
-from finetune.registry import load_predictor
-from finetune.statedb import get_engine
-from monitoring import predlog
+from core.home import configure_environment; configure_environment()
+from core.inference import load_predictor
+from core.statedb import get_engine
+from core import predlog
 args = json.loads(sys.stdin.read())
 p = load_predictor(args["tag"]); engine = get_engine(); predlog.ensure_schema(engine)
 texts = [t for t, _ in args["rows"]]

@@ -19,6 +19,7 @@ import math
 from dataclasses import asdict, dataclass
 from math import comb
 
+import numpy as np
 from scipy.stats import norm
 
 
@@ -77,8 +78,6 @@ class PairedComparison:
 
     @classmethod
     def of(cls, incumbent_correct, candidate_correct) -> "PairedComparison":
-        import numpy as np  # noqa: PLC0415 - numpy is already loaded wherever this runs; keeps the module light
-
         a, b = np.asarray(incumbent_correct, bool), np.asarray(candidate_correct, bool)
         if a.shape != b.shape:
             raise ValueError("paired arrays must have the same items for both models")

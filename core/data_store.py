@@ -28,8 +28,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from finetune.errors import DriftloopError
-from finetune.home import bentoml_home
+from core.errors import DriftloopError
+from core.home import bentoml_home
 
 Row = tuple[str, str]  # (text, label name)
 

@@ -19,9 +19,15 @@ from typing import Awaitable, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.engine import Engine
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
-from finetune import tokens
-from finetune.errors import DriftloopError
+from core import alias, audit, production, registry, tokens
+from core.errors import DriftloopError
+from loop.refine_config import RefineConfig
+from loop.refine_jobs import RefineJobs
 
 log = logging.getLogger("driftloop.admin")
 ACTOR = "admin-api"
@@ -67,20 +73,16 @@ def _parse(raw: bytes, model: type[BaseModel]) -> BaseModel:
         raise _Refused(400, f"{where}: {first['msg']}") from None
 
 
-def admin_routes(engine: Engine, refine=None, token: str | None = None, is_leader: Callable[[], bool] | None = None,
-                 fence: Callable[[], object] | None = None) -> list:
+def admin_routes(engine: Engine, refine: RefineConfig | None = None, token: str | None = None,
+                 is_leader: Callable[[], bool] | None = None, fence: Callable[[], object] | None = None,
+                 jobs: RefineJobs | None = None) -> list:
     """The admin routes, for the controller's Starlette app. `refine` is the controller's
     RefineConfig (default: RefineConfig()); `token` defaults to the admin token of this home;
     `is_leader` (with two controllers): only the leader starts refinements, a standby answers 409;
     `fence()` gives the leader's term, carried by the refinements it starts. Promote and rollback are
-    a person's decision, taken on any controller: they carry no term."""
-    from starlette.concurrency import run_in_threadpool  # noqa: PLC0415
-    from starlette.requests import Request  # noqa: PLC0415
-    from starlette.responses import JSONResponse  # noqa: PLC0415
-    from starlette.routing import Route  # noqa: PLC0415
-
-    from monitoring.refine import RefineConfig  # noqa: PLC0415
-
+    a person's decision, taken on any controller: they carry no term. `jobs`: the controller's
+    refinement jobs (one at a time; default: the routes' own)."""
+    refinements = jobs or RefineJobs()
     secret = token or tokens.require(["admin"])["admin"]
     refine_config = refine or RefineConfig()
 
@@ -99,28 +101,22 @@ def admin_routes(engine: Engine, refine=None, token: str | None = None, is_leade
         return handle
 
     def retrain(raw: bytes) -> tuple[int, dict]:
-        from finetune import alias  # noqa: PLC0415
-        from finetune import audit  # noqa: PLC0415
-        from monitoring import loop  # noqa: PLC0415
-
         req = _parse(raw, RetrainRequest)
         if is_leader is not None and not is_leader():
             raise _Refused(409, "this controller is a standby: send the request to the leader (see /status)")
         prod = alias.current(engine=engine)
         if prod is None:
             raise _Refused(409, "no production model to refine: train and promote one first")
-        if loop.refine_running():
+        if refinements.running():
             raise _Refused(409, "a refinement is already running; follow it with `driftloop history`")
         reason = f"manual: POST /admin/retrain{f' ({req.reason})' if req.reason else ''}"
-        if not loop.start_refine(engine, refine_config, "manual", prod.tag, fence=fence() if fence is not None else None):
+        if not refinements.start(engine, refine_config, "manual", prod.tag, fence=fence() if fence is not None else None):
             raise _Refused(409, "a refinement is already running; follow it with `driftloop history`")
         audit.record(engine, "policy", prod.tag, action="retrain", reason=reason, dry_run=False, actor=ACTOR)
         log.info("admin: refinement of %s started", prod.tag)
         return 202, {"started": True, "champion": prod.tag}
 
     def promote(raw: bytes) -> tuple[int, dict]:
-        from finetune import production, registry  # noqa: PLC0415
-
         req = _parse(raw, PromoteRequest)
         reason = req.reason or "manual promotion (POST /admin/promote)"
         try:
@@ -139,8 +135,6 @@ def admin_routes(engine: Engine, refine=None, token: str | None = None, is_leade
         return 200, state.to_json()
 
     def rollback(raw: bytes) -> tuple[int, dict]:
-        from finetune import alias, production, registry  # noqa: PLC0415
-
         req = _parse(raw, RollbackRequest)
         to = None
         if req.to is not None:

@@ -25,10 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from evidently import DataDefinition, Dataset, Report
+from evidently.metrics import ValueDrift
 
-from finetune import profile, registry
-from finetune.descriptors import DESCRIPTOR_COLUMNS
-from finetune.profile import prob_column
+from core import profile, registry
+from core.descriptors import DESCRIPTOR_COLUMNS
+from core.profile import prob_column
 from monitoring import stats
 from monitoring.config import MonitorConfig
 from monitoring.window import Window
@@ -92,7 +94,7 @@ def clean(obj):
 
 @dataclass
 class Reference:
-    """What a model version looks like on what it serves (finetune.profile; a refined model's profile
+    """What a model version looks like on what it serves (core.profile; a refined model's profile
     is its own view of the traffic it was refined for) and how accurate it is (on its regression
     suite: every domain it was promoted for, held out; for a first model, its validation split)."""
 
@@ -124,9 +126,6 @@ def probability_columns(label_names: list[str]) -> list[str]:
 
 def _evidently_drift(reference: Reference, window: Window, alpha: float):
     """Evidently ValueDrift on the prediction, probabilities, confidence and descriptors: (snapshot, [(name, kind, method, p)])."""
-    from evidently import DataDefinition, Dataset, Report  # noqa: PLC0415
-    from evidently.metrics import ValueDrift  # noqa: PLC0415
-
     columns = [("prediction", "prediction", "chisquare"), ("confidence", "probability", "ks")]
     columns += [(c, "probability", "ks") for c in probability_columns(reference.label_names)]
     columns += [(c, "descriptor", "ks") for c in DESCRIPTOR_COLUMNS]

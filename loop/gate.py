@@ -1,6 +1,6 @@
 """The champion/challenger gate: promote only on a real, paired improvement that forgets nothing.
 
-Both models are scored on the *same* items (monitoring/paired.py):
+Both models are scored on the *same* items (loop/paired.py):
 
 1. **Superiority on fresh labels** (held out from the refinement, never trained on): exact one-sided
    McNemar on the items where they disagree, at `alpha`, and a gain of at least `delta`. With ~100
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from monitoring.paired import PairedComparison, mcnemar_one_sided, noninferiority_p
+from loop.paired import PairedComparison, mcnemar_one_sided, noninferiority_p
 
 __all__ = ["GateConfig", "GateResult", "evaluate", "mcnemar_one_sided"]
 
@@ -100,3 +100,14 @@ def evaluate(champion_fresh: np.ndarray, challenger_fresh: np.ndarray, champion_
                 f"{config.regression_alpha}; loss {result.regression_loss:+.3f} on {reg.n} items, {reg.gains} gained, {reg.losses} lost)")
     result.passed = not result.reasons
     return result
+
+
+def summary_line(e: dict) -> str:
+    """One line for a gate result (`GateResult.to_json()` or its audit event): verdict, fresh-label
+    accuracies, McNemar p, regression loss."""
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    verdict = "passed" if e.get("passed") else "failed: " + "; ".join(e.get("reasons") or [])
+    p, rp = e.get("p_value"), e.get("regression_p_value")
+    return (f"{verdict} (fresh {fmt(e.get('champion_fresh_accuracy'))} -> {fmt(e.get('challenger_fresh_accuracy'))} on "
+            f"{e.get('fresh_n')} items, McNemar p={'-' if p is None else f'{p:.2g}'}; regression loss {fmt(e.get('regression_loss'))} "
+            f"on {e.get('regression_n')} items, non-inferiority p={'-' if rp is None else f'{rp:.2g}'})")

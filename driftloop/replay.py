@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from core import tokens
+from finetune.data import clean, read_table, resolve_text_column
+
 
 @dataclass
 class ReplayStats:
@@ -44,7 +47,6 @@ async def replay_async(url: str, rows: list[tuple[str, str]], *, rate: float | N
     home's feedback token (read when the feedback is posted, so a service that generated it at
     startup is found) and /predict this home's predict token when there is one.
     """
-    from finetune import tokens  # noqa: PLC0415
 
     explicit_auth = any(k.lower() == "authorization" for k in (headers or {}))
 
@@ -116,8 +118,6 @@ def replay(url: str, rows: list[tuple[str, str]], **kw) -> ReplayStats:
 
 def labelled_rows(source: str, text_column: str | None = None, label_column: str = "label") -> list[tuple[str, str]]:
     """(text, label) pairs from any file the trainer reads, cleaned the same way."""
-    from finetune.data import clean, read_table, resolve_text_column  # noqa: PLC0415
-
     df = read_table(source, text_column, label_column)
     column = resolve_text_column(df, text_column, source)
     rows, _ = clean(df, column, label_column, source, max_chars=100_000, deduplicate=False)

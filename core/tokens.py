@@ -15,8 +15,8 @@ import secrets
 from pathlib import Path
 from typing import Iterable, Literal
 
-from finetune.errors import DriftloopError
-from finetune.home import driftloop_home
+from core.errors import DriftloopError
+from core.home import driftloop_home
 
 Kind = Literal["feedback", "admin", "predict"]
 KINDS: tuple[Kind, ...] = ("feedback", "admin", "predict")

@@ -18,9 +18,9 @@ from collections.abc import Callable
 
 from sqlalchemy.engine import Connection, Engine
 
-from finetune import alias, audit, registry
-from finetune.errors import DriftloopError
-from finetune.statedb import get_engine
+from core import alias, audit, inference, registry
+from core.errors import DriftloopError
+from core.statedb import get_engine
 
 Fence = Callable[[Connection], None]  # raises DriftloopError when the caller's leadership term is over
 
@@ -39,7 +39,7 @@ def verified_tag(tag: str, force: bool = False) -> str:
     model = registry.get(tag)
     if not force:
         try:
-            registry.load_verified(model.tag, device="cpu")
+            inference.load_verified(model.tag, device="cpu")
         except DriftloopError as err:
             raise DriftloopError(f"{err}; not promoted, production unchanged") from None
     return model.tag

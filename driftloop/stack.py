@@ -2,7 +2,7 @@
 
 Each is a child process in its own process group; Ctrl-C or SIGTERM stops them all, service last,
 so no acknowledged prediction is cut off. Before starting them it makes sure the bearer tokens
-exist (finetune/tokens.py): a token generated now is printed once; later starts print its path.
+exist (core/tokens.py): a token generated now is printed once; later starts print its path.
 """
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Callable
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
-from monitoring.demo import Proc
+from core import tokens
+from core.errors import DriftloopError
+from driftloop.procs import Proc
 
 REPO = Path(__file__).resolve().parent.parent
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
@@ -36,11 +39,6 @@ def prometheus_config(service: str, controller: str, scrape_interval: str = "15s
 
 def ensure_tokens(say: Callable[[str], None]) -> None:
     """Generate the missing tokens into the home (0600) and show each new one once, never again."""
-    from pydantic import TypeAdapter, ValidationError  # noqa: PLC0415
-
-    from finetune import tokens  # noqa: PLC0415
-    from finetune.errors import DriftloopError  # noqa: PLC0415
-
     kinds: list[tokens.Kind] = ["feedback", "admin"]
     raw = os.environ.get("DRIFTLOOP_SERVICE_REQUIRE_PREDICT_TOKEN", "false")  # the service's setting, parsed as it parses it
     try:

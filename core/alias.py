@@ -15,8 +15,8 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, Text, insert, s
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from finetune.errors import DriftloopError
-from finetune.statedb import UTCDateTime, create_tables, get_engine
+from core.errors import DriftloopError
+from core.statedb import UTCDateTime, create_tables, get_engine
 
 PRODUCTION = "production"
 
@@ -81,6 +81,16 @@ def current(alias: str = PRODUCTION, engine: Engine | None = None) -> AliasState
     return AliasState(row["alias"], row["tag"], row["previous_tag"], updated, row["version"])
 
 
+def still_at(tag: str, alias: str = PRODUCTION) -> Callable[[Connection], None]:
+    """A check to run inside a production move's transaction: the alias still points at `tag` (a
+    refinement promotes only over the champion it refined, not over a model moved in meanwhile)."""
+    def check(conn: Connection) -> None:
+        now = conn.execute(select(model_alias.c.tag).where(model_alias.c.alias == alias)).scalar()
+        if now != tag:
+            raise DriftloopError(f"{alias} moved to {now} meanwhile: not promoting")
+    return check
+
+
 def _move(conn, pointer, alias: str, tag: str, previous_tag: str | None, action: str, reason: str | None, actor: str) -> None:
     """Record the move and set the pointer; `pointer` is its row as read under the lock (None: first move)."""
     now = _now()
@@ -129,7 +139,7 @@ MoveHook = Callable[[Connection, str, str, "str | None"], None]
 
 def promote(tag: str, alias: str = PRODUCTION, reason: str | None = None, actor: str = "user",
             engine: Engine | None = None, hook: MoveHook | None = None) -> AliasState:
-    """Point the alias at `tag` (low level: `finetune.production.promote` checks the model, the
+    """Point the alias at `tag` (low level: `core.production.promote` checks the model, the
     fencing token and writes the audit trail; use that)."""
     engine = ensure_schema(engine)
 
@@ -148,7 +158,7 @@ def promote(tag: str, alias: str = PRODUCTION, reason: str | None = None, actor:
 def rollback(alias: str = PRODUCTION, to: str | None = None, reason: str | None = None, actor: str = "user",
              engine: Engine | None = None, hook: MoveHook | None = None) -> AliasState:
     """Undo the last promotion (or go to `to`): the pointer returns to the model served before
-    (low level: use `finetune.production.rollback`).
+    (low level: use `core.production.rollback`).
 
     Rollbacks stack: rolling back twice returns to the model before the one before.
     """

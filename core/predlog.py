@@ -1,4 +1,8 @@
-"""The prediction log: one row per prediction, written by the service, read by the monitor.
+"""The prediction log: one row per prediction, written by the service, read by the monitor and the loop.
+
+This module is the log's only door: the schema, the writes (the service's batches, /feedback) and
+every query the other stages make (a monitor window, the loop's label counts, a refinement's fresh
+rows, a bake's paired items). A change of schema or index is made and reviewed in one place.
 
 Rows are written per batch in one transaction, and the service answers only after the commit, so
 an acknowledged prediction is durable (SQLite WAL with synchronous=FULL, or Postgres). Feedback
@@ -15,12 +19,26 @@ from dataclasses import dataclass
 
 import numpy as np
 from sqlalchemy import (
-    Boolean, Column, Float, Index, Integer, LargeBinary, MetaData, String, Table, Text, select, update,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Row,
+    String,
+    Table,
+    Text,
+    case,
+    func,
+    select,
+    update,
 )
 from sqlalchemy.engine import Engine
 
-from finetune.descriptors import DESCRIPTOR_COLUMNS
-from finetune.statedb import UTCDateTime, create_tables
+from core.descriptors import DESCRIPTOR_COLUMNS
+from core.statedb import UTCDateTime, create_tables
 
 metadata = MetaData()
 
@@ -121,9 +139,10 @@ def record_feedback(engine: Engine, items: Sequence[tuple[str, str]], known_labe
     return results
 
 
-def count(engine: Engine, model_version: str | None = None) -> int:
-    from sqlalchemy import func  # noqa: PLC0415
+# --------------------------------------------------------------------------- reads
 
+
+def count(engine: Engine, model_version: str | None = None) -> int:
     q = select(func.count()).select_from(predictions)
     if model_version:
         q = q.where(predictions.c.model_version == model_version)
@@ -157,8 +176,6 @@ def estimation_error(engine: Engine, model_version: str, limit: int = 5000) -> t
     """(mean confidence − accuracy, n) over the newest `limit` labelled predictions of `model_version`:
     how far the label-free estimate (mean calibrated confidence) is off on this model's own recent
     traffic. Bounded, because the controller asks at every run and a model may serve for months."""
-    from sqlalchemy import case, func  # noqa: PLC0415
-
     c = predictions.c
     recent = (select(c.confidence.label("confidence"), case((c.label == c.feedback_label, 1.0), else_=0.0).label("hit"))
               .where(c.model_version == model_version, c.feedback_label.is_not(None))
@@ -167,3 +184,80 @@ def estimation_error(engine: Engine, model_version: str, limit: int = 5000) -> t
     with engine.connect() as conn:
         conf, acc, n = conn.execute(q).one()
     return (None if not n else float(conf) - float(acc)), int(n)
+
+
+def count_since(engine: Engine, model_version: str, after_id: int) -> int:
+    """How many predictions of `model_version` were logged after row `after_id`."""
+    c = predictions.c
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(predictions)
+                                .where(c.model_version == model_version, c.id > after_id)).scalar_one())
+
+
+def latest_model_version(engine: Engine) -> str | None:
+    """The model version of the most recent logged prediction (what served last)."""
+    with engine.connect() as conn:
+        return conn.execute(select(predictions.c.model_version).order_by(predictions.c.id.desc()).limit(1)).scalar()
+
+
+def window_rows(engine: Engine, model_version: str, *, last: int | None = 1000, since: dt.datetime | None = None,
+                until: dt.datetime | None = None, up_to_id: int | None = None) -> list[Row]:
+    """The last `last` predictions of `model_version` (optionally within [since, until) and id ≤ up_to_id),
+    oldest first, with what a monitor window needs (monitoring/window.py builds the frame)."""
+    c = predictions.c
+    query = select(c.id, c.created_at, c.label, c.confidence, c.probs, c.truncated, c.embedding,
+                   c.feedback_label, *(c[name] for name in DESCRIPTOR_COLUMNS)).where(c.model_version == model_version)
+    if since is not None:
+        query = query.where(c.created_at >= since)
+    if until is not None:
+        query = query.where(c.created_at < until)
+    if up_to_id is not None:
+        query = query.where(c.id <= up_to_id)
+    query = query.order_by(c.id.desc())
+    if last is not None:
+        query = query.limit(last)
+    with engine.connect() as conn:
+        return conn.execute(query).all()[::-1]
+
+
+def labelled_count(engine: Engine, model_version: str, since: dt.datetime | None = None, from_id: int | None = None) -> int:
+    """Labelled predictions of `model_version` (labelled after `since`, on log rows from `from_id` on):
+    the labels a refinement could train on."""
+    c = predictions.c
+    q = select(func.count()).select_from(predictions).where(c.model_version == model_version, c.feedback_label.is_not(None))
+    if since is not None:
+        q = q.where(c.feedback_at >= since)
+    if from_id is not None:
+        q = q.where(c.id >= from_id)
+    with engine.connect() as conn:
+        return int(conn.execute(q).scalar_one())
+
+
+def fresh_labelled(engine: Engine, model_version: str, since_id: int | None, limit: int) -> list[tuple[int, str, str]]:
+    """(log id, text, label) of labelled predictions of `model_version`, newest `limit`, deduplicated by
+    text, oldest first: a refinement's fresh rows."""
+    c = predictions.c
+    q = (select(c.id, c.text, c.feedback_label).where(c.model_version == model_version, c.feedback_label.is_not(None),
+                                                       c.text.is_not(None)).order_by(c.id.desc()).limit(limit))
+    if since_id is not None:
+        q = q.where(c.id >= since_id)
+    seen, out = set(), []
+    with engine.connect() as conn:
+        for rid, text, label in conn.execute(q):
+            if text not in seen:
+                seen.add(text)
+                out.append((rid, text, label))
+    return out[::-1]
+
+
+def confident_unlabelled(engine: Engine, model_version: str, since_id: int | None, min_conf: float,
+                         limit: int) -> list[tuple[str, str]]:
+    """(text, predicted label) of unlabelled predictions served with confidence ≥ `min_conf`, newest
+    first: self-training rows."""
+    c = predictions.c
+    q = (select(c.text, c.label).where(c.model_version == model_version, c.feedback_label.is_(None), c.text.is_not(None),
+                                       c.confidence >= min_conf).order_by(c.id.desc()).limit(limit))
+    if since_id is not None:
+        q = q.where(c.id >= since_id)
+    with engine.connect() as conn:
+        return [(t, y) for t, y in conn.execute(q)]

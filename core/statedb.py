@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.types import TypeDecorator
 
-from finetune.home import state_db_url
+from core.home import state_db_url
 
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()

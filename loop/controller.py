@@ -7,31 +7,48 @@ it), `/status`, `/healthz`, and the reports: `/reports/latest` (stable URL for t
 `/reports/monitor-<run id>.html`.
 
 Several controllers may run on one state DB (a standby for availability): every one serves HTTP,
-but only the holder of the leader lease (monitoring/lease.py) runs the scheduler. A standby starts
+but only the holder of the leader lease (loop/lease.py) runs the scheduler. A standby starts
 its scheduler when it is elected (the leader died or stopped); a leader that loses the lease stops
 its scheduler and any running refinement.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import re
 import signal
 import threading
 import time
+from pathlib import Path
+from typing import ClassVar
 
+import uvicorn
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.background import BackgroundScheduler
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from sqlalchemy.engine import make_url
+from starlette.applications import Starlette
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
 
-from finetune.home import state_db_url
-from finetune.statedb import get_engine
-from finetune import audit
-from monitoring import exporter, runner, store
-from monitoring import loop
-from monitoring.lease import Fence, Lease, LeaderElector, LeaseSettings
-from monitoring.lease import current as current_lease
+from core import alias, audit
+from core.errors import DriftloopError
+from core.home import state_db_url
+from core.statedb import get_engine
+from loop import act
+from loop.admin_api import admin_routes
+from loop.bake import ShadowScorer
+from loop.lease import Fence, LeaderElector, Lease, LeaseSettings
+from loop.lease import current as current_lease
+from loop.policy import PolicyConfig
+from loop.refine_config import RefineConfig
+from loop.refine_jobs import RefineJobs
+from monitoring import exporter, passes, store
 from monitoring.config import MonitorConfig
-from monitoring.policy import PolicyConfig
-from monitoring.refine import RefineConfig
+from monitoring.verdict import Verdict
 
 log = logging.getLogger("driftloop.controller")
 REPORT_NAME = re.compile(r"^monitor-\d+\.html$")
@@ -58,45 +75,42 @@ class ControllerSettings(BaseModel):
         return self
 
 
-# This process's role once `run()` starts. A monitor pass that was already running when the lease
-# was lost (or could not be renewed in time) still stores its pass, but does not act on it: no
-# refinement from a demoted leader.
-_leadership: "Leadership | None" = None
+def monitor_job(monitor: dict, policy: dict | None = None, refine: dict | None = None, holder: str | None = None) -> None:
+    """The scheduled monitor pass, then the loop's policy on it.
 
-
-def _leading() -> bool:
-    return _leadership is None or _leadership.is_leader
-
-
-def monitor_job(monitor: dict, policy: dict | None = None, refine: dict | None = None) -> None:
-    """The scheduled monitor pass, then the loop's policy on it (a module-level function: the
-    persistent job store references it by name)."""
-    from finetune.errors import DriftloopError  # noqa: PLC0415
-
+    A module-level function with plain-data arguments because the persistent job store keeps the job
+    by name and pickles its kwargs: `holder` names the controller (`Leadership`) of this process that
+    scheduled it, which owns the refinement jobs and the bake's shadow model. A pass that was already
+    running when that controller lost the lease still stores its pass, but does not act on it: no
+    refinement from a demoted leader. Called with no holder (a script, a test), it acts as a lone
+    process would, with refinements of its own.
+    """
     engine = get_engine()
     exporter.MONITOR_JOBS.inc()
     config = MonitorConfig.model_validate(monitor)
+    lead = Leadership.of(holder) if holder is not None else None
     try:
-        version = runner.serving_version(engine)
-        new = runner.new_since_last_verdict(engine, version)
+        version = passes.serving_version(engine)
+        new = passes.new_since_last_verdict(engine, version)
         if new is not None and new < config.min_new_predictions:
             # no new verdict on re-read rows; the policy still runs on the last one (late labels, schedule mode,
             # a cooldown that ended), and the drift streak cannot grow
             exporter.PASSES.labels(outcome="no_new_data").inc()
             log.info("monitor pass skipped: %s new predictions of %s since the last verdict (< %s)", new, version,
                      config.min_new_predictions)
-            latest = store.latest(engine, version)
-            latest = runner.with_fresh_labels(engine, config, latest) if latest is not None else None
+            stored = store.latest(engine, version)
+            stored = passes.with_fresh_labels(engine, config, stored) if stored is not None else None
         else:
-            latest = runner.monitor_once(engine, config, model_version=version).to_json()
-        if latest is None or policy is None:
+            stored = passes.monitor_once(engine, config, model_version=version).to_json()
+        if stored is None or policy is None:
             return
-        if not _leading():
-            log.warning("not the leader any more: monitor pass %s stored, policy not applied", latest.get("run_id"))
+        verdict = Verdict.from_json(stored)
+        if holder is not None and (lead is None or not lead.is_leader):
+            log.warning("not the leader any more: monitor pass %s stored, policy not applied", verdict.run_id)
         else:
-            lead = _leadership
-            loop.after_pass(engine, latest, PolicyConfig.model_validate(policy), RefineConfig.model_validate(refine or {}),
-                            fence=lead.fence() if lead is not None else None, scorer=lead.shadow if lead is not None else None)
+            act.after_pass(engine, verdict, PolicyConfig.model_validate(policy), RefineConfig.model_validate(refine or {}),
+                           lead.refinements if lead is not None else RefineJobs(),
+                           fence=lead.fence() if lead is not None else None, scorer=lead.shadow if lead is not None else None)
     except DriftloopError as err:
         log.info("monitor pass skipped: %s", err)
     except Exception:
@@ -107,7 +121,6 @@ def monitor_job(monitor: dict, policy: dict | None = None, refine: dict | None =
 
 class MetricsRefresher:
     """Publishes the newest stored pass to the gauges, once per new run id."""
-
     def __init__(self, engine):
         self.engine = engine
         self.last_run_id: int | None = None
@@ -128,24 +141,31 @@ class MetricsRefresher:
                         exporter.PASS_DURATION.observe(row["duration_s"])
             self.last_run_id = latest["run_id"]
             finished = latest.get("finished_at")
-            import datetime as dt  # noqa: PLC0415
-
             ts = dt.datetime.fromisoformat(finished).timestamp() if finished else time.time()
             consecutive = store.consecutive_drift(self.engine, latest["model_version"])
             exporter.publish(latest, ts, consecutive)
 
 
 class Leadership:
-    """This controller's role. The leader runs the scheduler (built fresh at each election: APScheduler
-    cannot restart a scheduler it shut down); a standby only serves HTTP until it is elected."""
+    """This controller's role and what it owns: the leader runs the scheduler (built fresh at each
+    election: APScheduler cannot restart a scheduler it shut down) and the refinement jobs; a standby
+    only serves HTTP until it is elected."""
+
+    _running: ClassVar[dict[str, "Leadership"]] = {}  # by holder id: how a scheduled job finds its controller
 
     def __init__(self, engine, settings: ControllerSettings, holder: str | None = None):
         self.engine = engine
         self.settings = settings
         self.scheduler = None
         self._lock = threading.Lock()
-        self.shadow = loop.ShadowScorer()  # the bake's previous champion, kept between passes
+        self.refinements = RefineJobs()  # at most one refinement, started by this controller's passes or admin API
+        self.shadow = ShadowScorer()  # the bake's previous champion, kept between passes
         self.elector = LeaderElector(engine, settings.lease, holder=holder, on_elected=self._elected, on_demoted=self._demoted)
+
+    @classmethod
+    def of(cls, holder: str) -> "Leadership | None":
+        """The started controller of this process with this holder id (None once it stopped)."""
+        return cls._running.get(holder)
 
     @property
     def holder(self) -> str:
@@ -167,10 +187,10 @@ class Leadership:
             exporter.LEADER.set(1)
             exporter.LEADER_CHANGES.labels(event="elected").inc()
             try:  # a refinement the previous leader left behind (it died) is recorded as failed
-                loop.recover_interrupted(self.engine)
+                self.refinements.recover_interrupted(self.engine)
             except Exception:  # noqa: BLE001 - recovery is best effort; the jobs must still run
                 log.exception("recovering interrupted jobs failed")
-            scheduler = build_scheduler(self.settings)
+            scheduler = build_scheduler(self.settings, holder=self.holder)
             scheduler.start()
             self.scheduler = scheduler
             log.info("leader (%s, fencing token %s): scheduler started", self.holder, held.fencing)
@@ -184,19 +204,23 @@ class Leadership:
                 scheduler.shutdown(wait=True)  # lets a running monitor pass finish (it will not act on it)
             # a refinement started just before the demotion may still be spawning its process: stop it too
             deadline = time.monotonic() + 60
-            loop.stop_refine()
-            while loop.refine_running() and time.monotonic() < deadline:
+            self.refinements.stop()
+            while self.refinements.running() and time.monotonic() < deadline:
                 time.sleep(0.2)
-                loop.stop_refine()
+                self.refinements.stop()
             log.info("standby (%s): scheduler stopped (%s)", self.holder, reason)
 
     def start(self) -> "Leadership":
+        Leadership._running[self.holder] = self
         self.elector.start()
         return self
 
     def stop(self) -> None:
         """Stop the scheduler and any refinement, then release the lease (a standby takes over at once)."""
-        self.elector.stop(release_lease=True)
+        try:
+            self.elector.stop(release_lease=True)
+        finally:
+            Leadership._running.pop(self.holder, None)
 
     def jobs(self) -> list[dict]:
         scheduler = self.scheduler
@@ -215,12 +239,8 @@ class Leadership:
 def build_app(engine, refresher: MetricsRefresher, leadership: Leadership | None = None, refine: RefineConfig | None = None,
               admin_token: str | None = None):
     """The controller's HTTP app (Starlette: already installed with BentoML), with the admin routes
-    (monitoring/admin_api.py: retrain, promote, rollback behind the admin token)."""
-    from monitoring.admin_api import admin_routes  # noqa: PLC0415
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest  # noqa: PLC0415
-    from starlette.applications import Starlette  # noqa: PLC0415
-    from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response  # noqa: PLC0415
-    from starlette.routing import Route  # noqa: PLC0415
+    (loop/admin_api.py: retrain, promote, rollback behind the admin token)."""
+    refinements = leadership.refinements if leadership is not None else RefineJobs()
 
     async def metrics(_request):
         try:
@@ -234,14 +254,11 @@ def build_app(engine, refresher: MetricsRefresher, leadership: Leadership | None
 
     async def status(_request):
         latest = store.latest(engine)
-        from finetune import alias  # noqa: PLC0415
-        from monitoring import loop  # noqa: PLC0415
-
         prod = alias.current(engine=engine)
         role = leadership.status() if leadership is not None else {"leader": None, "holder": None, "lease": None}
         return JSONResponse({**role, "champion": prod.tag if prod else None, "last_monitor_pass": latest,
                              "jobs": leadership.jobs() if leadership is not None else [],
-                             "refine_running": loop.refine_running(), "recent_events": audit.history(engine, limit=10)})
+                             "refine_running": refinements.running(), "recent_events": audit.history(engine, limit=10)})
 
     def _report(path):
         if path is None or not path.is_file():
@@ -251,8 +268,6 @@ def build_app(engine, refresher: MetricsRefresher, leadership: Leadership | None
     async def latest_report(_request):
         for row in store.recent(engine, limit=50):
             if row.get("report_path"):
-                from pathlib import Path  # noqa: PLC0415
-
                 return _report(Path(row["report_path"]))
         return _report(None)
 
@@ -260,23 +275,20 @@ def build_app(engine, refresher: MetricsRefresher, leadership: Leadership | None
         name = request.path_params["name"]
         if not REPORT_NAME.match(name):  # only report files: no path traversal, no other files
             return PlainTextResponse("not a report name (expected monitor-<run id>.html)", status_code=404)
-        return _report(runner.reports_dir() / name)
+        return _report(passes.reports_dir() / name)
 
     return Starlette(routes=[
         Route("/metrics", metrics), Route("/healthz", healthz), Route("/status", status),
         Route("/reports/latest", latest_report), Route("/reports/{name}", report),
-        *admin_routes(engine, refine=refine, token=admin_token,
+        *admin_routes(engine, refine=refine, token=admin_token, jobs=refinements,
                       is_leader=(lambda: leadership.is_leader) if leadership is not None else None,
                       fence=leadership.fence if leadership is not None else None),
     ])
 
 
-def build_scheduler(settings: ControllerSettings):
-    """A background APScheduler whose jobs persist in the state DB."""
-    from apscheduler.executors.pool import ThreadPoolExecutor  # noqa: PLC0415
-    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore  # noqa: PLC0415
-    from apscheduler.schedulers.background import BackgroundScheduler  # noqa: PLC0415
-
+def build_scheduler(settings: ControllerSettings, holder: str | None = None):
+    """A background APScheduler whose jobs persist in the state DB; `holder` names the controller
+    whose passes they are (see `monitor_job`)."""
     scheduler = BackgroundScheduler(
         jobstores={"default": SQLAlchemyJobStore(engine=get_engine(), tablename=JOB_TABLE)},
         executors={"default": ThreadPoolExecutor(2)},
@@ -285,22 +297,20 @@ def build_scheduler(settings: ControllerSettings):
     )
     scheduler.add_job(monitor_job, "interval", seconds=settings.monitor_interval_s, id="monitor", name="monitor pass",
                       replace_existing=True, kwargs={"monitor": settings.monitor.model_dump(), "policy": settings.policy.model_dump(),
-                                                     "refine": settings.refine.model_dump()})
+                                                     "refine": settings.refine.model_dump(), "holder": holder})
     return scheduler
 
 
 def run(settings: ControllerSettings) -> None:
     """Serve HTTP until SIGINT/SIGTERM, running the scheduler while this controller holds the leader
     lease; then shut down cleanly (scheduler, refinement, lease released for a standby)."""
-    import uvicorn  # noqa: PLC0415
 
     engine = get_engine()
     store.ensure_schema(engine)
     audit.ensure_schema(engine)
     refresher = MetricsRefresher(engine)
     exporter.UP_SINCE.set(time.time())
-    global _leadership
-    leadership = _leadership = Leadership(engine, settings)
+    leadership = Leadership(engine, settings)
     app = build_app(engine, refresher, leadership, refine=settings.refine)
     log.info("controller %s: state DB %s, monitor every %ss, lease %r ttl %ss, http://%s:%s", leadership.holder,
              _safe_url(state_db_url()), settings.monitor_interval_s, settings.lease.name, settings.lease.ttl_s,
@@ -321,8 +331,6 @@ def run(settings: ControllerSettings) -> None:
 
 def _safe_url(url: str) -> str:
     """The state DB URL without its password, for logs."""
-    from sqlalchemy.engine import make_url  # noqa: PLC0415
-
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001

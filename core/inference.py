@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from finetune.descriptors import describe
-from finetune.modeling import autocast_dtype
+from core import registry
+from core.descriptors import describe
+from core.errors import DriftloopError
+from core.modeling import autocast_dtype, load_classifier, load_tokenizer, pick_device
 
 
 @dataclass
@@ -95,3 +97,39 @@ class Predictor:
             logits=cat("logits"), probs=cat("probs"), embeddings=cat("embeddings"),
             descriptors=[descriptors[j] for j in inverse], truncated=[truncated[j] for j in inverse],
         )
+
+
+# --------------------------------------------------------------------------- registered models
+
+
+def load_predictor(tag: str, device: str = "auto", precision: str = "auto"):
+    """Load a registered model ready for inference."""
+    model = registry.get(tag)
+    lin = model.lineage
+    tokenizer = load_tokenizer(str(model.path))
+    classifier = load_classifier(str(model.path), lin["label_names"])
+    return Predictor(classifier, tokenizer, lin["label_names"], temperature=lin.get("temperature", 1.0),
+                     max_length=lin.get("max_length", 128), device=pick_device(device), precision=precision)
+
+
+CHECK_TEXTS = ["a short sentence to check that the model loads and answers.", "check " * 40]
+
+
+def load_verified(tag: str, device: str = "auto", precision: str = "auto"):
+    """Load a model and run one forward pass; a model that cannot serve raises one-line DriftloopError.
+
+    Promotion and the refinement gate call this so a corrupt challenger (truncated or garbled
+    weights, a missing tokenizer, NaN parameters) is refused *before* the production alias moves;
+    the service would refuse it too, but only after the alias pointed at it.
+    """
+    try:
+        predictor = load_predictor(tag, device=device, precision=precision)
+        probs = np.asarray(predictor.predict(CHECK_TEXTS).probs)
+        if probs.shape[0] != len(CHECK_TEXTS) or not np.isfinite(probs).all():
+            raise ValueError("the check forward pass produced non-finite probabilities")
+    except DriftloopError:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever the loader raises, the answer is "does not load"
+        detail = (str(err).strip().splitlines() or [""])[0][:300]
+        raise DriftloopError(f"model {tag} does not load ({type(err).__name__}: {detail})") from None
+    return predictor

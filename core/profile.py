@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from finetune.descriptors import DESCRIPTOR_COLUMNS
-from finetune.inference import Predictions
+from core.descriptors import DESCRIPTOR_COLUMNS
+from core.inference import Predictions
 
 PROFILE_FILE = "reference.parquet"
 EMBEDDINGS_FILE = "reference_embeddings.npy"

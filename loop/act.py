@@ -1,0 +1,90 @@
+"""The loop's step after every monitor pass: bake check, the policy, and maybe a refinement.
+
+`after_pass` takes the pass's typed `Verdict`, gathers the policy's signals from the state DB
+(`gather_signals`), lets the pure `policy.decide` choose, and starts a refinement through the
+caller's `RefineJobs` when it says retrain. Every decision, skip included, is audited.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy.engine import Engine
+
+from core import alias, audit, predlog
+from loop.bake import ShadowScorer, bake_check, in_bake
+from loop.lease import Fence
+from loop.policy import PolicyConfig, Signals, decide
+from loop.refine_config import RefineConfig
+from loop.refine_jobs import RefineJobs
+from monitoring import store
+from monitoring.verdict import Verdict
+
+
+def drift_streak(engine: Engine, version: str) -> tuple[int | None, list[int]]:
+    """(first log id, run ids) of the current streak of drifted passes of `version`."""
+    first, runs = None, []
+    for row in store.recent(engine, limit=200, model_version=version):
+        if row["status"] != "ok":
+            continue
+        if not row["drift"]:
+            break
+        runs.append(row["run_id"])
+        first = row["window_first_id"] if first is None else min(first, row["window_first_id"])
+    return first, runs[::-1]
+
+
+def gather_signals(engine: Engine, verdict: Verdict, jobs: RefineJobs, now: dt.datetime | None = None) -> Signals:
+    """The policy's inputs: this pass's quality and reference, and the loop's history in the state DB."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    version = verdict.model_version
+    q = verdict.quality
+    last = audit.last(engine, "retrain_started")
+    last_at = dt.datetime.fromisoformat(last["at"]) if last else None
+    # count the labels a refinement would train on: those of the current drift streak (else since the last retrain)
+    streak_start, _ = drift_streak(engine, version)
+    # the estimate's error: on this window's labelled rows when the pass measured it, else on all of this model's
+    if q.estimation_error is not None:
+        error, error_n = q.estimation_error, q.labelled
+    else:
+        error, error_n = predlog.estimation_error(engine, version)
+    return Signals(
+        now=now, consecutive_drift=store.consecutive_drift(engine, version),
+        realized_accuracy=q.realized_accuracy, labelled_in_window=q.labelled,
+        estimated_accuracy=q.estimated_accuracy, reference_accuracy=verdict.reference_accuracy,
+        new_labels=predlog.labelled_count(engine, version, last_at, streak_start), last_retrain_at=last_at,
+        retrains_last_24h=audit.count_since(engine, "retrain_started", now - dt.timedelta(hours=24)),
+        retrain_running=jobs.running(), reference_n=verdict.reference_n, estimated_se=q.estimated_se,
+        estimation_error=error, estimation_error_n=error_n, in_first_bake=in_bake(engine, version) is not None,
+    )
+
+
+def after_pass(engine: Engine, verdict: Verdict, policy: PolicyConfig, refine: RefineConfig, jobs: RefineJobs, *,
+               fence: Fence | None = None, scorer: ShadowScorer | None = None) -> dict:
+    """Bake check, then the policy on this pass's signals; may start a refinement in `jobs`. Returns
+    the decision. `fence` is the leader's term (None for a lone process such as a test); `scorer`
+    keeps the bake's shadow model between passes."""
+    version = verdict.model_version
+    current = alias.current(engine=engine)
+    if current is None or current.tag != version or not verdict.has_verdict:
+        reason = (f"the pass monitored {version}, not the production model" if current is None or current.tag != version
+                  else f"no verdict ({verdict.window_size} predictions in the window)")
+        decision = {"action": "skip", "reason": reason}
+        audit.record(engine, "policy", version, run_id=verdict.run_id, **decision)
+        return decision
+    baked = bake_check(engine, verdict, policy, scorer=scorer, fence=fence)
+    if baked == "rollback":
+        decision = {"action": "skip", "reason": "rolled back the new champion (bake failed)"}
+        audit.record(engine, "policy", version, run_id=verdict.run_id, **decision)
+        return decision
+    signals = gather_signals(engine, verdict, jobs)
+    d = decide(signals, policy)
+    out = {**d.to_json(), "signals": signals.to_json(), "run_id": verdict.run_id}
+    if d.action == "retrain" and not d.dry_run:
+        since_id, runs = drift_streak(engine, version)
+        if policy.mode in ("schedule", "performance"):
+            since_id = None
+        started = jobs.start(engine, refine, d.reason, version, since_id, runs, fence=fence)
+        out["started"] = started
+    audit.record(engine, "policy", version, **out)
+    return out

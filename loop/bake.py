@@ -1,0 +1,98 @@
+"""The bake: after a promotion, the new champion must hold up on the live traffic it was promoted for.
+
+Once the new champion has served `policy.bake_labels` labelled items, the previous champion (loaded
+in the controller by `ShadowScorer`) scores the same items, and one paired test decides, once per
+promotion: roll back if the new champion is significantly worse (exact one-sided McNemar at
+`policy.bake_alpha`), else the bake passes. The rollback goes through `core.production`, fenced
+with the leader's term.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from sqlalchemy.engine import Engine
+
+from core import audit, inference, predlog, production
+from core.errors import DriftloopError
+from loop.lease import Fence
+from loop.paired import PairedComparison, mcnemar_one_sided
+from loop.policy import PolicyConfig
+from monitoring import exporter
+from monitoring.verdict import Verdict
+
+log = logging.getLogger("driftloop.loop")
+
+
+def in_bake(engine: Engine, version: str) -> dict | None:
+    """The promotion event of `version` while its bake has not decided yet, else None (also for a
+    first model: with no previous champion there is nothing to bake against)."""
+    promo = audit.last(engine, "promotion")
+    if promo is None or promo["model_version"] != version or not promo.get("previous"):
+        return None
+    done = audit.history(engine, limit=20, kinds=("bake_passed", "rollback"))
+    if any(e["id"] > promo["id"] and e["model_version"] == version for e in done):
+        return None
+    return promo
+
+
+class ShadowScorer:
+    """The previous champion, loaded in the controller for the bake: it scores the same labelled items
+    the new champion served. Keeps one model at a time and drops it once the bake has decided."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self._tag: str | None = None
+        self._predictor = None
+
+    def correct(self, tag: str, texts: list[str], labels: list[str]) -> list[bool]:
+        if self._tag != tag:
+            self._predictor, self._tag = inference.load_predictor(tag, device=self.device), tag
+        out = self._predictor.predict(texts)
+        names = self._predictor.label_names
+        return [names[i] == y for i, y in zip(out.labels, labels)]
+
+    def release(self) -> None:
+        self._tag = self._predictor = None
+
+
+def bake_check(engine: Engine, verdict: Verdict, policy: PolicyConfig, *, scorer: ShadowScorer | None = None,
+               fence: Fence | None = None) -> str | None:
+    """After a promotion: once the new champion has `bake_labels` labelled items, the previous champion
+    scores the same items and one paired test decides: roll back if the new one is significantly
+    worse (exact one-sided McNemar at `bake_alpha`), else the bake passes. Decided once per promotion."""
+    version = verdict.model_version
+    promo = in_bake(engine, version)
+    if promo is None:
+        return None
+    previous = promo["previous"]
+    items = predlog.labelled_after(engine, version, dt.datetime.fromisoformat(promo["at"]), policy.bake_labels)
+    if len(items) < policy.bake_labels:
+        return None
+    scorer = scorer or ShadowScorer()
+    texts, truth = [t for t, _, _ in items], [f for _, _, f in items]
+    try:
+        old = scorer.correct(previous, texts, truth)
+    except DriftloopError as err:  # the previous model is gone from the store: nothing to compare or return to
+        log.warning("bake of %s: previous champion %s cannot score (%s); bake passed by default", version, previous, err)
+        audit.record(engine, "bake_passed", version, previous=previous, skipped=str(err))
+        return "bake_passed"
+    finally:
+        scorer.release()
+    cmp = PairedComparison.of(old, [served == f for _, served, f in items])
+    p_worse = mcnemar_one_sided(cmp.losses, cmp.gains)  # evidence that the previous champion is better
+    details = {"previous": previous, "paired": cmp.to_json(), "p_value_worse": p_worse, "alpha": policy.bake_alpha}
+    if p_worse <= policy.bake_alpha:
+        reason = (f"bake: on the same {cmp.n} labelled items the new champion scored {cmp.candidate_accuracy:.3f}, the previous "
+                  f"{cmp.incumbent_accuracy:.3f} ({cmp.losses} lost, {cmp.gains} gained, McNemar p={p_worse:.3g} <= {policy.bake_alpha})")
+        try:
+            production.rollback(reason=reason, actor="controller", engine=engine,
+                                fence=fence.check if fence else None, **details)
+        except DriftloopError as err:
+            log.warning("bake rollback of %s refused: %s", version, err)
+            return None
+        exporter.ROLLBACKS.inc()
+        return "rollback"
+    audit.record(engine, "bake_passed", version, **details)
+    return "bake_passed"
