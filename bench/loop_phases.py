@@ -313,34 +313,22 @@ def gate_summary(e: dict) -> dict:
 
 def labelled_predictions(engine, tag: str) -> int:
     """Labelled predictions of `tag` with their text: what a manual refinement of it trains and gates on."""
-    from sqlalchemy import func, select  # noqa: PLC0415
-
     from core import predlog  # noqa: PLC0415
 
-    c = predlog.predictions.c
-    q = select(func.count()).select_from(predlog.predictions).where(c.model_version == tag, c.feedback_label.is_not(None), c.text.is_not(None))
-    with engine.connect() as conn:
-        return int(conn.execute(q).scalar_one())
+    return predlog.labelled_count(engine, tag, with_text=True)
 
 
 def max_log_id(engine) -> int:
-    from sqlalchemy import func, select  # noqa: PLC0415
-
     from core import predlog  # noqa: PLC0415
 
-    with engine.connect() as conn:
-        return int(conn.execute(select(func.max(predlog.predictions.c.id))).scalar_one() or 0)
+    return predlog.max_id(engine)
 
 
 def rows_lost(engine, acked: list[str]) -> int:
     """Acknowledged request ids missing from the prediction log (check after the service stopped: it flushes on exit)."""
-    from sqlalchemy import select  # noqa: PLC0415
-
     from core import predlog  # noqa: PLC0415
 
-    with engine.connect() as conn:
-        logged = {r for (r,) in conn.execute(select(predlog.predictions.c.request_id))}
-    return len(set(acked) - logged)
+    return len(set(acked) - predlog.request_ids(engine))
 
 
 # --- waiting for the loop -----------------------------------------------------------------------------

@@ -14,6 +14,10 @@ sentences), on loopback only, each load bounded in time and count:
     python bench/serve.py                         # concurrency 1, 8, 32, 64; 3 rounds of 15 s each
     python bench/serve.py --duration 30 --rounds 5 --concurrency 32 64
     python bench/serve.py --client python         # the asyncio client instead of wrk
+    python bench/serve.py --runtimes torch onnx onnx-int8   # the serving runtimes side by side (core/runtimes.py)
+
+With --runtimes, the variants are driftloop on each runtime (log on) and the naive server; the offline
+ceiling is measured for each runtime, and each runtime's accuracy on the SST-2 test split is printed.
 """
 
 from __future__ import annotations
@@ -145,10 +149,10 @@ class OfflineCeiling:
 
     FORWARD_BATCHES = (8, 16, 32, 64)  # a batch of 1 is never the best; it is measured as the window of 1 client
 
-    def __init__(self, tag: str, texts: list[str]):
-        from core.inference import load_predictor  # noqa: PLC0415
+    def __init__(self, tag: str, texts: list[str], runtime: str = "torch"):
+        from core.runtimes import load_runtime_predictor  # noqa: PLC0415 - after DRIFTLOOP_HOME is set above
 
-        self.predictor = load_predictor(tag)
+        self.predictor = load_runtime_predictor(tag, runtime, int8_tolerance_pt=100)  # the runtime itself, gate aside
         self.sample = texts[:512]
         self.predictor.predict(self.sample[:64], batch_size=16)  # warm-up
         self.rounds: dict[tuple[int, int, int], list[float]] = {}
@@ -203,6 +207,40 @@ def batch_figures(before: dict[str, float], after: dict[str, float]) -> dict:
             "log_share": round(delta["driftloop_prediction_log_write_seconds_sum"] / busy, 4) if busy else None}
 
 
+def runtime_accuracy(ceilings: dict, test_tsv: Path) -> dict:
+    """Each runtime's accuracy on the labelled SST-2 test split (the same texts for all)."""
+    with open(test_tsv, encoding="utf-8") as fh:
+        rows = [(r["sentence"].strip(), r["label"].strip()) for r in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    out = {}
+    for runtime, each in ceilings.items():
+        p = each.predictor
+        pred = p.predict([t for t, _ in rows], batch_size=32)
+        names = [p.label_names[i] for i in pred.labels]
+        out[runtime] = round(float(np.mean([n == y for n, y in zip(names, [y for _, y in rows])])), 4)
+    return out
+
+
+def print_runtimes(results: dict, runtimes: list[str], args) -> None:
+    first = runtimes[0]
+    print(f"\nmodel {results['model']}; SST-2 test accuracy: " + ", ".join(f"{r} {a}" for r, a in results["accuracy"].items()))
+    print("\n| runtime | offline ceiling (texts/s, best batch) | vs " + first + " |")
+    print("|---|---|---|")
+    c0 = args.concurrency[0]
+    for r in runtimes:
+        oc, base = results["runtime_ceilings"][r][c0], results["runtime_ceilings"][first][c0]
+        print(f"| {r} | {oc['forward']} (batch {oc['forward_batch']}) | {oc['forward'] / base['forward']:.2f}x |")
+    print("\n| server | concurrency | req/s | p50 ms | p99 ms | errors | mean batch | vs naive | vs " + first + " served | vs own ceiling |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for c in args.concurrency:
+        for name in [f"driftloop {r}" for r in runtimes] + ["naive"]:
+            r = results[name][c]
+            runtime = name.split(" ", 1)[1] if name != "naive" else first
+            own = results["runtime_ceilings"][runtime][c]["forward"]
+            print(f"| {name} | {c} | {r['req_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {r.get('mean_batch', 1)} | "
+                  f"{r['req_per_s'] / results['naive'][c]['req_per_s']:.2f}x | "
+                  f"{r['req_per_s'] / results[f'driftloop {first}'][c]['req_per_s']:.2f}x | {r['req_per_s'] / own:.0%} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sst2"))
@@ -210,6 +248,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=15.0)
     parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds per concurrency; the median is reported.")
     parser.add_argument("--model", default=None, help="A registered tag to serve (default: train a small one first).")
+    parser.add_argument("--runtimes", nargs="+", choices=["torch", "onnx", "onnx-int8"], default=None,
+                        help="Compare these serving runtimes (ceilings, accuracy, served req/s) instead of the default variants.")
     parser.add_argument("--client", choices=["auto", "wrk", "python"], default="auto",
                         help="Load generator: wrk (Debian package) when installed, else the asyncio client.")
     args = parser.parse_args()
@@ -229,13 +269,22 @@ def main() -> None:
                               "--quiet", "--json", "--promote", "always", "--set", "report=false"],
                              cwd=ROOT, env=env, capture_output=True, text=True, check=True)
         tag = json.loads(out.stdout)["model"]
-    ceiling = OfflineCeiling(tag, texts)
-    results: dict = {"model": tag, "offline_ceiling": {}}
+    runtimes = args.runtimes or ["torch"]
+    ceilings = {r: OfflineCeiling(tag, texts, r) for r in runtimes}
+    ceiling = ceilings[runtimes[0]]
+    results: dict = {"model": tag, "offline_ceiling": {}, "runtime_ceilings": {r: {} for r in runtimes}}
+    if args.runtimes:
+        results["accuracy"] = runtime_accuracy(ceilings, Path(args.data) / "test.tsv")
+        print(json.dumps({"sst2_test_accuracy": results["accuracy"]}), flush=True)
 
     # All servers run side by side (an idle one costs nothing) and the loads interleave, round by round,
     # so slow drifts of this noisy machine hit every variant alike; each cell is the median round.
-    variants = [("driftloop", {}), ("driftloop, log off", {"DRIFTLOOP_SERVICE_LOG_PREDICTIONS": "false"}),
-                ("driftloop, BentoML's release rule", {"DRIFTLOOP_SERVICE_BATCH_LINGER_MS": "0"}), ("naive", None)]
+    if args.runtimes:
+        variants = [(f"driftloop {r}", {"DRIFTLOOP_SERVICE_RUNTIME": r, "DRIFTLOOP_SERVICE_INT8_TOLERANCE_PT": "100"})
+                    for r in runtimes] + [("naive", None)]
+    else:
+        variants = [("driftloop", {}), ("driftloop, log off", {"DRIFTLOOP_SERVICE_LOG_PREDICTIONS": "false"}),
+                    ("driftloop, BentoML's release rule", {"DRIFTLOOP_SERVICE_BATCH_LINGER_MS": "0"}), ("naive", None)]
     procs, urls = [], {}
     try:
         for name, extra in variants:
@@ -249,7 +298,8 @@ def main() -> None:
         for c in args.concurrency:
             rounds: dict[str, list[dict]] = {name: [] for name, _ in variants}
             for _ in range(args.rounds):
-                ceiling.measure_round(c)
+                for each in ceilings.values():
+                    each.measure_round(c)
                 for name, extra in variants:
                     url = urls[name]
                     before = batch_totals(url) if extra is not None else None
@@ -262,7 +312,9 @@ def main() -> None:
                 median = sorted(runs, key=lambda r: r["req_per_s"])[len(runs) // 2]
                 results.setdefault(name, {})[c] = {**median, "errors": sum(r["errors"] for r in runs)}
             results["offline_ceiling"][c] = ceiling.summary(c)
-            print(json.dumps({"offline_ceiling": c, **results["offline_ceiling"][c]}), flush=True)
+            for r, each in ceilings.items():
+                results["runtime_ceilings"][r][c] = each.summary(c)
+                print(json.dumps({"offline_ceiling": c, "runtime": r, **results["runtime_ceilings"][r][c]}), flush=True)
     finally:
         for proc in procs:
             stop(proc)
@@ -280,6 +332,9 @@ def main() -> None:
             print(f"| {name} | {c} | {r['req_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {r.get('mean_batch', 1)} | "
                   f"{r['req_per_s'] / naive:.2f}x | {r['req_per_s'] / oc['forward']:.0%} | {r['req_per_s'] / oc['window']:.0%} | "
                   f"{r['req_per_s'] / oc['best']:.0%} |")
+    if args.runtimes:
+        print_runtimes(results, runtimes, args)
+        return
     for c in args.concurrency:
         on, off = results["driftloop"][c]["req_per_s"], results["driftloop, log off"][c]["req_per_s"]
         share = results["driftloop"][c].get("log_share")

@@ -128,13 +128,10 @@ def main() -> None:
     finally:
         stop(proc)
 
-    from sqlalchemy import select  # noqa: PLC0415
-
     from core import predlog  # noqa: PLC0415
     from core.statedb import get_engine  # noqa: PLC0415
 
-    with get_engine().connect() as conn:
-        logged = {r for (r,) in conn.execute(select(predlog.predictions.c.request_id))}
+    logged = predlog.request_ids(get_engine())
     measured = [w for w in windows if w["t_s"] > args.warmup] or windows
     base, last = measured[0], measured[-1]
     summary = {

@@ -220,11 +220,14 @@ def window_rows(engine: Engine, model_version: str, *, last: int | None = 1000, 
         return conn.execute(query).all()[::-1]
 
 
-def labelled_count(engine: Engine, model_version: str, since: dt.datetime | None = None, from_id: int | None = None) -> int:
-    """Labelled predictions of `model_version` (labelled after `since`, on log rows from `from_id` on):
-    the labels a refinement could train on."""
+def labelled_count(engine: Engine, model_version: str, since: dt.datetime | None = None, from_id: int | None = None,
+                   with_text: bool = False) -> int:
+    """Labelled predictions of `model_version` (labelled after `since`, on log rows from `from_id` on,
+    only those whose text was kept if `with_text`): the labels a refinement could train on."""
     c = predictions.c
     q = select(func.count()).select_from(predictions).where(c.model_version == model_version, c.feedback_label.is_not(None))
+    if with_text:
+        q = q.where(c.text.is_not(None))
     if since is not None:
         q = q.where(c.feedback_at >= since)
     if from_id is not None:
@@ -261,3 +264,15 @@ def confident_unlabelled(engine: Engine, model_version: str, since_id: int | Non
         q = q.where(c.id >= since_id)
     with engine.connect() as conn:
         return [(t, y) for t, y in conn.execute(q)]
+
+
+def max_id(engine: Engine) -> int:
+    """The newest log row's id (0 for an empty log)."""
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.max(predictions.c.id))).scalar_one() or 0)
+
+
+def request_ids(engine: Engine) -> set[str]:
+    """Every logged request id: to check that each acknowledged prediction is in the log."""
+    with engine.connect() as conn:
+        return {r for (r,) in conn.execute(select(predictions.c.request_id))}

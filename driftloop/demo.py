@@ -89,7 +89,7 @@ def run(home: Path, *, say: Callable[[str], None], base_model: str = "gt-all-min
                            "--set", "policy.consecutive_windows=2", "--set", "policy.min_labels=30", "--set", "policy.min_new_labels=180",
                            "--set", "policy.tolerance=0.05", "--set", "policy.cooldown_s=3600", "--set", "refine.min_fresh_labels=100",
                            "--set", "monitor.min_new_predictions=50",
-                           # a 160-item suite can bound a 5-point loss, not the default 2 (finetune/gate.py: n ≥ r·z²/ε²)
+                           # a 160-item suite can bound a 5-point loss, not the default 2 (loop/gate.py: n ≥ r·z²/ε²)
                            "--set", "refine.gate.epsilon=0.05", "--set", f"refine.epochs={epochs}"], env, home / "controller.log")
         controller.wait_http(f"{curl}/healthz")
 

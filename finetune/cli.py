@@ -1,8 +1,8 @@
 """CLI verbs of the fine-tuning stage: `train`, `cv`, `tune` and `models ...`.
 
-Each verb imports the modules that do its work inside its body, on purpose: `driftloop --help`
-starts in ~0.15 s, importing the stages behind every verb would make it ~5 s (torch, transformers'
-Trainer, Evidently; measured in docs/benchmarks.md, "CLI start-up"). Everything else is imported here.
+Each verb imports inside its body the modules that would add seconds to every command's start
+(torch and transformers' Trainer, Evidently); everything else is imported here. The rule and its
+measured costs: driftloop/cli.py and docs/benchmarks.md, "Layout".
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Optional
 import typer
 import yaml
 
+from core import alias, registry
 from core.clikit import emit_json, machine_output, set_options
 from core.errors import DriftloopError
 from finetune.config import load_config, load_yaml
@@ -168,8 +169,6 @@ def models_list(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Registered models, newest first; `*` marks production."""
-    from core import alias, registry  # noqa: PLC0415 - see the module docstring
-
     models = registry.list_models(name)
     prod = alias.current()
     rows = [{**m.to_json(), "production": bool(prod and prod.tag == m.tag)} for m in models]
@@ -192,8 +191,6 @@ def models_show(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """A model's full lineage: config, data fingerprint, metrics, parent, versions."""
-    from core import alias, registry  # noqa: PLC0415 - see the module docstring
-
     if tag is None:
         prod = alias.current()
         if prod is None:
@@ -235,7 +232,7 @@ def models_rollback(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Return the production alias to the model served before the last promotion."""
-    from core import alias, production  # noqa: PLC0415 - see the module docstring
+    from core import production  # noqa: PLC0415 - see the module docstring
 
     before = alias.current()
     state = production.rollback(to=to, reason=reason or "manual rollback", actor="cli")
@@ -248,8 +245,6 @@ def models_rollback(
 @models_app.command("history")
 def models_history(as_json: bool = typer.Option(False, "--json"), limit: int = typer.Option(50)) -> None:
     """Every promotion and rollback of the production alias, newest first."""
-    from core import alias  # noqa: PLC0415 - see the module docstring
-
     rows = alias.history(limit=limit)
     if as_json:
         emit_json({"history": rows})

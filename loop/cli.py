@@ -22,6 +22,7 @@ from core.errors import DriftloopError
 from core.statedb import get_engine
 from finetune.config import apply_overrides, build_config, load_yaml
 from loop.lease import Fence
+from monitoring import store
 
 
 def load_controller_settings(config: Optional[str], sets: Optional[list[str]], **flags):
@@ -123,9 +124,6 @@ def history_command(
 
 def status_command(as_json: bool = typer.Option(False, "--json")) -> None:
     """Champion, last monitor pass, policy state and any running refinement."""
-
-    from monitoring import store  # noqa: PLC0415 - see the module docstring
-
     engine = get_engine()
     store.ensure_schema(engine)
     prod = alias.current(engine=engine)

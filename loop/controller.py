@@ -82,8 +82,7 @@ def monitor_job(monitor: dict, policy: dict | None = None, refine: dict | None =
     by name and pickles its kwargs: `holder` names the controller (`Leadership`) of this process that
     scheduled it, which owns the refinement jobs and the bake's shadow model. A pass that was already
     running when that controller lost the lease still stores its pass, but does not act on it: no
-    refinement from a demoted leader. Called with no holder (a script, a test), it acts as a lone
-    process would, with refinements of its own.
+    refinement from a demoted leader, and none from a call that names no controller.
     """
     engine = get_engine()
     exporter.MONITOR_JOBS.inc()
@@ -105,12 +104,11 @@ def monitor_job(monitor: dict, policy: dict | None = None, refine: dict | None =
         if stored is None or policy is None:
             return
         verdict = Verdict.from_json(stored)
-        if holder is not None and (lead is None or not lead.is_leader):
-            log.warning("not the leader any more: monitor pass %s stored, policy not applied", verdict.run_id)
+        if lead is None or not lead.is_leader:
+            log.warning("not the leader (any more): monitor pass %s stored, policy not applied", verdict.run_id)
         else:
             act.after_pass(engine, verdict, PolicyConfig.model_validate(policy), RefineConfig.model_validate(refine or {}),
-                           lead.refinements if lead is not None else RefineJobs(),
-                           fence=lead.fence() if lead is not None else None, scorer=lead.shadow if lead is not None else None)
+                           lead.refinements, fence=lead.fence(), scorer=lead.shadow)
     except DriftloopError as err:
         log.info("monitor pass skipped: %s", err)
     except Exception:

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from core.clikit import emit_json, machine_output
 from core.errors import DriftloopError
+from core.statedb import get_engine
 from monitoring.config import MonitorConfig
 
 
@@ -51,7 +52,6 @@ def monitor_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per pass."),
 ) -> None:
     """Test a window of live predictions against the serving model's reference profile."""
-    from core.statedb import get_engine  # noqa: PLC0415 - see the module docstring
     from monitoring.passes import monitor_once  # noqa: PLC0415 - see the module docstring
 
     flags = {"window": window, "window_seconds": window_seconds, "min_samples": min_samples, "alpha": alpha, "report": report}

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Boolean, Column, Float, Integer, MetaData, String, Table, Text, insert, select
 from sqlalchemy.engine import Engine
 
 from core.statedb import UTCDateTime, create_tables
-from monitoring.analysis import PassResult
+
+if TYPE_CHECKING:  # the type only: monitoring.analysis imports Evidently (3.5 s), which readers of stored passes never need
+    from monitoring.analysis import PassResult
 
 metadata = MetaData()
 

@@ -21,6 +21,7 @@ def serve_command(
     host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0 to expose)."),
     workers: Optional[int] = typer.Option(None, help="Worker processes, each with its own model copy."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+    runtime: Optional[str] = typer.Option(None, help="torch | onnx | onnx-int8 (accuracy-gated; see README 'Serving')."),
     store_text: Optional[bool] = typer.Option(None, "--store-text/--hash-text", help="Log texts, or only their sha256."),
     require_predict_token: Optional[bool] = typer.Option(
         None, "--require-predict-token/--open-predict", help="Make /predict and /explain need the predict token too."),
@@ -30,7 +31,7 @@ def serve_command(
     /feedback and /admin/* need bearer tokens (DRIFTLOOP_FEEDBACK_TOKEN, DRIFTLOOP_ADMIN_TOKEN, or the
     files in $DRIFTLOOP_HOME/secrets, generated here when missing).
     """
-    flags = {"workers": workers, "device": device, "store_text": store_text, "require_predict_token": require_predict_token}
+    flags = {"workers": workers, "device": device, "runtime": runtime, "store_text": store_text, "require_predict_token": require_predict_token}
     for key, value in flags.items():
         if value is not None:
             os.environ[PREFIX + key.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
@@ -57,12 +58,12 @@ def private_bentoml_home(port: int) -> Path:
 
     `bentoml serve` wipes `$BENTOML_HOME/prometheus_multiproc_dir` at every start, so two servers on
     one home (two ports, a benchmark, parallel tests) corrupt each other's metrics. Each server gets
-    its own home whose `models` is a link to the one shared model store.
+    its own home whose `models` (and `datasets`, `bentos`) link to the one shared store.
     """
     shared = bentoml_home()
     private = driftloop_home() / "servers" / f"port-{port}" / "bentoml"
     private.mkdir(parents=True, exist_ok=True)
-    for name in ("models", "bentos"):
+    for name in ("models", "bentos", "datasets"):  # datasets: the rows a model's lineage points to (core/data_store.py)
         target, link = shared / name, private / name
         target.mkdir(parents=True, exist_ok=True)
         if link.is_symlink() and link.resolve() == target.resolve():

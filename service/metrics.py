@@ -25,12 +25,19 @@ MODEL_SWAPS = Counter("driftloop_model_swaps", "Hot swaps to a new production mo
 MODEL_SWAP_FAILURES = Counter("driftloop_model_swap_failures", "Failed hot swaps (the old model kept serving)")
 MODEL_INFO = Gauge("driftloop_model_info", "The model version this worker serves (value 1)", ["model_version"],
                    multiprocess_mode="mostrecent")
+RUNTIME_INFO = Gauge("driftloop_serving_runtime_info", "The runtime this worker serves with (value 1): torch, onnx, onnx-int8",
+                     ["model_version", "runtime"], multiprocess_mode="mostrecent")
+RUNTIME_FALLBACKS = Counter("driftloop_runtime_fallbacks", "Models served on another runtime than asked (int8 refused by its accuracy check)",
+                            ["asked", "served"])
 MODEL_LOADED_TIMESTAMP = Gauge("driftloop_model_loaded_timestamp_seconds", "When the serving model was loaded",
                                multiprocess_mode="max")
 
 
-def set_serving(version: str, previous: str | None, loaded_at: float) -> None:
+def set_serving(version: str, previous: str | None, loaded_at: float, runtime: str = "torch",
+                previous_runtime: str | None = None) -> None:
     if previous and previous != version:
         MODEL_INFO.labels(model_version=previous).set(0)
+        RUNTIME_INFO.labels(model_version=previous, runtime=previous_runtime or runtime).set(0)
     MODEL_INFO.labels(model_version=version).set(1)
+    RUNTIME_INFO.labels(model_version=version, runtime=runtime).set(1)
     MODEL_LOADED_TIMESTAMP.set(loaded_at)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core import alias, inference, registry
+from core import alias, registry, runtimes
 from core.inference import Predictor
 from service import metrics
 from service.settings import ServiceSettings
@@ -56,7 +56,11 @@ class ModelHolder:
 
     def _load(self, tag: str) -> ServingModel:
         model = registry.get(tag)
-        predictor = inference.load_predictor(tag, device=self.settings.device, precision=self.settings.precision)
+        predictor = runtimes.load_runtime_predictor(tag, self.settings.runtime, device=self.settings.device,
+                                                    precision=self.settings.precision,
+                                                    int8_tolerance_pt=self.settings.int8_tolerance_pt)
+        if predictor.runtime != self.settings.runtime:
+            metrics.RUNTIME_FALLBACKS.labels(asked=self.settings.runtime, served=predictor.runtime).inc()
         for _ in range(max(1, self.settings.warmup_texts // len(WARMUP_TEXTS))):
             out = predictor.predict(WARMUP_TEXTS)
             if not torch.isfinite(torch.as_tensor(out.probs)).all():
@@ -93,16 +97,18 @@ class ModelHolder:
             self._failed_tag = None
             self.last_error = None
             metrics.MODEL_LOADS.labels(outcome="success").inc()
-            metrics.set_serving(fresh.tag, previous.tag if previous else None, fresh.loaded_at)
+            metrics.set_serving(fresh.tag, previous.tag if previous else None, fresh.loaded_at, fresh.predictor.runtime,
+                                previous.predictor.runtime if previous else None)
             if previous is not None:
                 metrics.MODEL_SWAPS.inc()
-                log.info("hot-swapped %s -> %s", previous.tag, fresh.tag)
+                log.info("hot-swapped %s -> %s (runtime %s)", previous.tag, fresh.tag, fresh.predictor.runtime)
                 del previous
                 gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
             else:
-                log.info("serving %s", fresh.tag)
+                log.info("serving %s (runtime %s%s)", fresh.tag, fresh.predictor.runtime,
+                         f": {fresh.predictor.runtime_note}" if fresh.predictor.runtime_note else "")
             return {"status": "swapped", "model_version": fresh.tag}
 
     def start_polling(self) -> None:

@@ -22,16 +22,21 @@ import uuid
 from http import HTTPStatus
 from typing import Annotated
 
-import bentoml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
-
-from core import predlog, registry, tokens
 from core.home import configure_environment
-from core.statedb import get_engine
-from service import batching, guard, metrics
-from service.explain import occlusion
-from service.model_holder import ModelHolder
-from service.settings import ServiceSettings
+
+# The one thing that must precede the imports: huggingface_hub (through transformers) and BentoML's
+# store read their settings (telemetry off, BENTOML_HOME) once, when first imported.
+configure_environment()
+
+import bentoml  # noqa: E402
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator  # noqa: E402
+
+from core import predlog, registry, tokens  # noqa: E402
+from core.statedb import get_engine  # noqa: E402
+from service import batching, guard, metrics  # noqa: E402
+from service.explain import occlusion  # noqa: E402
+from service.model_holder import ModelHolder  # noqa: E402
+from service.settings import ServiceSettings  # noqa: E402
 
 SETTINGS = ServiceSettings.from_env()  # read once per process: the API's limits and batching are built from it
 log = logging.getLogger("driftloop.service")
@@ -236,6 +241,8 @@ class Classifier:
             raise ServiceUnavailable("no model loaded yet")
         lin = serving.lineage
         return {"model_version": serving.tag, "loaded_at": serving.loaded_at, "device": str(serving.predictor.device),
+                "runtime": serving.predictor.runtime, "runtime_asked": self.settings.runtime,
+                "runtime_note": serving.predictor.runtime_note,
                 "label_names": serving.label_names, "temperature": serving.predictor.temperature,
                 "last_reload_error": self.models.last_error,
                 "lineage": {k: lin.get(k) for k in ("parent", "base_model", "created_at", "metrics", "data", "training", "versions")}}
@@ -260,9 +267,9 @@ class Classifier:
 
 def install(service=Classifier, settings: ServiceSettings = SETTINGS) -> None:
     """Everything serving changes outside this class, in one place, done once when BentoML imports
-    this module (before it builds the app and its dispatchers):
+    this module (before it builds the app and its dispatchers). `configure_environment()` (BentoML's
+    home, no telemetry) already ran at the top, before the imports that read it; it is idempotent:
 
-    - points BentoML at driftloop's home (core/home.py);
     - installs the demand-aware batch release rule over BentoML's dispatcher (service/batching.py);
     - adds the auth/error middleware (service/guard.py): who may call what, with tokens resolved once
       per process and generated into the home when neither the environment nor the home has them,
@@ -272,7 +279,6 @@ def install(service=Classifier, settings: ServiceSettings = SETTINGS) -> None:
       type by generating the output model's JSON schema on every response (`IOMixin.mime_type` when
       `media_type` is unset): py-spy put it at ~9 % of the event loop's time at 32 concurrent clients.
     """
-    configure_environment()
     batching.install(settings.batch_linger_ms)
     rules: dict[str, tokens.Kind] = {"/feedback": "feedback", "/admin/": "admin"}
     if settings.require_predict_token:
