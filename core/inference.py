@@ -41,11 +41,15 @@ class Predictor:
                  max_length: int = 128, device: torch.device | None = None, precision: str = "auto"):
         self.device = device or next(model.parameters()).device
         self.model = model.to(self.device).eval()
+        self.amp_dtype = autocast_dtype(self.device, precision)
+        self._init_text(tokenizer, label_names, temperature, max_length)
+
+    def _init_text(self, tokenizer, label_names: list[str], temperature: float, max_length: int) -> None:
+        """What every runtime shares: tokenisation, labels, calibration (core/runtimes.py reuses it)."""
         self.tokenizer = tokenizer
         self.label_names = list(label_names)
         self.temperature = float(temperature)
         self.max_length = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
-        self.amp_dtype = autocast_dtype(self.device, precision)
         self._n_special = tokenizer.num_special_tokens_to_add(pair=False)
 
     def _encode(self, texts: list[str]):

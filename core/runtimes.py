@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -165,12 +166,8 @@ class RuntimePredictor(Predictor):
             raise DriftloopError(f"{path.name} does not load in ONNX Runtime: {(str(err).splitlines() or [''])[0][:300]}") from None
         self.device = torch.device("cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu")
         self.model = None
-        self.tokenizer = tokenizer
-        self.label_names = list(label_names)
-        self.temperature = float(temperature)
-        self.max_length = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
         self.amp_dtype = None
-        self._n_special = tokenizer.num_special_tokens_to_add(pair=False)
+        self._init_text(tokenizer, label_names, temperature, max_length)
         self.runtime = runtime
         self.runtime_note: str | None = None
 
@@ -243,19 +240,20 @@ def ensure_files(model: registry.RegisteredModel, runtime: str, torch_predictor:
     return manifest
 
 
-def _int8_check(model: registry.RegisteredModel, manifest: dict, fp32: RuntimePredictor, int8: RuntimePredictor) -> dict:
-    """Accuracy of the fp32 and int8 graphs on the model's held-out rows (measured once, kept in the
-    manifest: the files and the rows never change for a registered model)."""
-    check = manifest.get("int8_check")
-    if check and check.get("int8_sha256") == manifest["files"]["onnx-int8"]["sha256"]:
-        return check
-    rows = held_out_rows(model)
-    if not rows:
-        raise DriftloopError(f"{model.tag} has no held-out labelled rows to check its int8 variant on")
-    check = {"n": len(rows), "accuracy_fp32": accuracy(fp32, rows), "accuracy_int8": accuracy(int8, rows),
-             "int8_sha256": manifest["files"]["onnx-int8"]["sha256"]}
+def _int8_check(model: registry.RegisteredModel, fp32: Callable[[], RuntimePredictor], int8: RuntimePredictor) -> dict:
+    """Accuracy of the fp32 and int8 graphs on the model's held-out rows: measured once, under the
+    lock (N workers score once), and kept in the manifest (a registered model's files and rows never change)."""
     with _exclusive(Path(model.path) / RUNTIME_DIR):
-        _write_manifest(model, {**read_manifest(model), "int8_check": check})
+        manifest = read_manifest(model)
+        check = manifest.get("int8_check")
+        if check and check.get("int8_sha256") == manifest["files"]["onnx-int8"]["sha256"]:
+            return check
+        rows = held_out_rows(model)
+        if not rows:
+            raise DriftloopError(f"{model.tag} has no held-out labelled rows to check its int8 variant on")
+        check = {"n": len(rows), "accuracy_fp32": accuracy(fp32(), rows), "accuracy_int8": accuracy(int8, rows),
+                 "int8_sha256": manifest["files"]["onnx-int8"]["sha256"]}
+        _write_manifest(model, {**manifest, "int8_check": check})
     return check
 
 
@@ -284,18 +282,23 @@ def load_runtime_predictor(tag: str, runtime: Runtime = "torch", *, device: str 
     lin = model.lineage
     common = {"temperature": lin.get("temperature", 1.0), "max_length": lin.get("max_length", 128),
               "device": pick_device(device), "threads": threads}
-    fp32 = RuntimePredictor(_verified(model, "onnx", manifest), tokenizer, lin["label_names"], runtime="onnx", **common)
+    fp32_path = _verified(model, "onnx", manifest)  # checked even when int8 serves: it is the fallback
+
+    def fp32() -> RuntimePredictor:  # a session only where one is used: int8 alone serves once its check is kept
+        return RuntimePredictor(fp32_path, tokenizer, lin["label_names"], runtime="onnx", **common)
+
     if runtime == "onnx":
-        return fp32
+        return fp32()
     int8 = RuntimePredictor(_verified(model, "onnx-int8", manifest), tokenizer, lin["label_names"],
                             runtime="onnx-int8", **common)
-    check = _int8_check(model, manifest, fp32, int8)
+    check = _int8_check(model, fp32, int8)
     loss_pt = round((check["accuracy_fp32"] - check["accuracy_int8"]) * 100, 3)
     if loss_pt > int8_tolerance_pt:
-        fp32.runtime_note = (f"onnx-int8 refused: {check['accuracy_int8']:.4f} vs fp32 {check['accuracy_fp32']:.4f} on "
+        fallback = fp32()
+        fallback.runtime_note = (f"onnx-int8 refused: {check['accuracy_int8']:.4f} vs fp32 {check['accuracy_fp32']:.4f} on "
                              f"{check['n']} held-out rows, {loss_pt:.2f} pt lost > {int8_tolerance_pt} allowed; serving onnx (fp32)")
-        log.warning("%s: %s", tag, fp32.runtime_note)
-        return fp32
+        log.warning("%s: %s", tag, fallback.runtime_note)
+        return fallback
     int8.runtime_note = (f"onnx-int8 accepted: {check['accuracy_int8']:.4f} vs fp32 {check['accuracy_fp32']:.4f} on "
                          f"{check['n']} held-out rows ({loss_pt:+.2f} pt lost, {int8_tolerance_pt} allowed)")
     return int8
