@@ -9,7 +9,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install prometheus postgres up test test-fast bench clean
+.PHONY: install prometheus postgres chromium up test test-fast bench clean
 
 install: $(STAMP)
 
@@ -33,9 +33,16 @@ define apt_install
   fi
 endef
 
-# The tests start a real Prometheus (Debian package `prometheus`: prometheus + promtool) on loopback.
+# `make up` and the tests start a real Prometheus (Debian package `prometheus`: prometheus + promtool)
+# on loopback, with the shipped alert rules.
 prometheus:
-	@command -v promtool >/dev/null 2>&1 || { $(call apt_install,prometheus,(prometheus, promtool) for the observability tests); }
+	@command -v promtool >/dev/null 2>&1 || { $(call apt_install,prometheus,(prometheus, promtool): driftloop up and the tests start it); }
+
+# The browser test opens the operators' pages (Evidently UI, Prometheus alerts) in headless Chromium
+# (Debian package `chromium-headless-shell`: the headless build, no display needed).
+chromium:
+	@command -v chromium-headless-shell >/dev/null 2>&1 || command -v chromium >/dev/null 2>&1 \
+	  || { $(call apt_install,chromium-headless-shell,for the browser test of the operators' pages); }
 
 # The storage, service and leader tests start a throwaway PostgreSQL on loopback (tests/pg.py) from the
 # Debian package `postgresql` (server binaries in /usr/lib/postgresql/<major>/bin; the tests run initdb
@@ -43,13 +50,13 @@ prometheus:
 postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { $(call apt_install,postgresql,for the PostgreSQL storage tests); }
 
-up: install
+up: install prometheus
 	$(BIN)/driftloop up
 
-test: install prometheus postgres
+test: install prometheus postgres chromium
 	$(BIN)/python -m pytest -q -ra
 
-test-fast: install prometheus postgres
+test-fast: install prometheus postgres chromium
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 bench: install

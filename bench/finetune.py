@@ -72,7 +72,7 @@ def main() -> None:
                {**common, "training.dynamic_padding": False, "training.group_by_length": False})
     ratio = ours["samples_per_second"] / base["samples_per_second"]
     delta = (ours["test_accuracy"] - base["test_accuracy"]) * 100
-    print(f"\n| run | rows x epochs | train s | samples/s | SST-2 test acc |\n|---|---|---|---|---|")
+    print("\n| run | rows x epochs | train s | samples/s | SST-2 test acc |\n|---|---|---|---|---|")
     for r in (ours, base):
         print(f"| {r['run']} | {args.rows} x {args.epochs:g} | {r['train_seconds']} | {r['samples_per_second']} | {r['test_accuracy']:.4f} |")
     print(f"\nspeed-up vs baseline: {ratio:.2f}x samples/s; accuracy difference {delta:+.1f} pt; device {ours['device']}")

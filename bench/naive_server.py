@@ -1,7 +1,10 @@
 """Baseline (b) for bench/serve.py: the same model behind a plain ASGI app, one forward pass per
 request, no batching, no logging — what a first attempt at serving usually looks like.
 
-    python bench/naive_server.py MODEL_TAG PORT
+    python bench/naive_server.py MODEL_TAG PORT [RUNTIME]
+
+RUNTIME (torch, onnx, onnx-int8; default torch) is the same model runtime driftloop serves with
+(core/runtimes.py), so "driftloop vs naive" compares servers, not runtimes.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
-from core.inference import load_predictor  # noqa: E402
+from core.runtimes import load_runtime_predictor  # noqa: E402
 
-predictor = load_predictor(sys.argv[1], device="auto")
+predictor = load_runtime_predictor(sys.argv[1], sys.argv[3] if len(sys.argv) > 3 else "torch", int8_tolerance_pt=100)
 
 
 def _predict(texts: list[str]) -> list[dict]:

@@ -3,10 +3,11 @@
 In one run, against the same registered MiniLM model and the same single-text requests (SST-2 test
 sentences), on loopback only, each load bounded in time and count:
 
-  (a) driftloop's service (`driftloop serve`: adaptive batching, prediction log), again with the
-      prediction log off, to show what durability costs, and again with BentoML's own batch release
-      rule instead of service/batching.py's;
-  (b) a naive server: the same model once per request, no batching (bench/naive_server.py);
+  (a) driftloop's service (`driftloop serve`: BentoML's adaptive batching, prediction log), again
+      with the prediction log off, to show what the log costs, and again with an fsync per commit
+      (synchronous=full);
+  (b) a naive server: the same model on the same runtime (`--runtime`, default onnx) once per
+      request, no batching (bench/naive_server.py);
   (c) the offline ceiling: the model's forward pass in this process at its best batch size; and,
       stricter, the most a zero-overhead server could do with the texts it can see at once at each
       concurrency, sorted by length into forward passes (see `offline_ceiling`).
@@ -248,6 +249,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=15.0)
     parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds per concurrency; the median is reported.")
     parser.add_argument("--model", default=None, help="A registered tag to serve (default: train a small one first).")
+    parser.add_argument("--runtime", choices=["torch", "onnx", "onnx-int8"], default="onnx",
+                        help="The runtime of every variant, the naive server's included (default: the service's default, onnx).")
     parser.add_argument("--runtimes", nargs="+", choices=["torch", "onnx", "onnx-int8"], default=None,
                         help="Compare these serving runtimes (ceilings, accuracy, served req/s) instead of the default variants.")
     parser.add_argument("--client", choices=["auto", "wrk", "python"], default="auto",
@@ -269,7 +272,7 @@ def main() -> None:
                               "--quiet", "--json", "--promote", "always", "--set", "report=false"],
                              cwd=ROOT, env=env, capture_output=True, text=True, check=True)
         tag = json.loads(out.stdout)["model"]
-    runtimes = args.runtimes or ["torch"]
+    runtimes = args.runtimes or [args.runtime]
     ceilings = {r: OfflineCeiling(tag, texts, r) for r in runtimes}
     ceiling = ceilings[runtimes[0]]
     results: dict = {"model": tag, "offline_ceiling": {}, "runtime_ceilings": {r: {} for r in runtimes}}
@@ -283,15 +286,16 @@ def main() -> None:
         variants = [(f"driftloop {r}", {"DRIFTLOOP_SERVICE_RUNTIME": r, "DRIFTLOOP_SERVICE_INT8_TOLERANCE_PT": "100"})
                     for r in runtimes] + [("naive", None)]
     else:
-        variants = [("driftloop", {}), ("driftloop, log off", {"DRIFTLOOP_SERVICE_LOG_PREDICTIONS": "false"}),
-                    ("driftloop, BentoML's release rule", {"DRIFTLOOP_SERVICE_BATCH_LINGER_MS": "0"}), ("naive", None)]
+        same = {"DRIFTLOOP_SERVICE_RUNTIME": args.runtime, "DRIFTLOOP_SERVICE_INT8_TOLERANCE_PT": "100"}
+        variants = [("driftloop", same), ("driftloop, log off", {**same, "DRIFTLOOP_SERVICE_LOG_PREDICTIONS": "false"}),
+                    ("driftloop, commit fsync (synchronous=full)", {**same, "DRIFTLOOP_DB_SYNCHRONOUS": "full"}), ("naive", None)]
     procs, urls = [], {}
     try:
         for name, extra in variants:
             port = free_port()
             urls[name] = f"http://127.0.0.1:{port}"
             if extra is None:
-                cmd, penv = [sys.executable, str(ROOT / "bench" / "naive_server.py"), tag, str(port)], env
+                cmd, penv = [sys.executable, str(ROOT / "bench" / "naive_server.py"), tag, str(port), runtimes[0]], env
             else:
                 cmd, penv = [*dl, "serve", "--port", str(port)], {**env, **extra}
             procs.append(start(cmd, penv, urls[name]))

@@ -5,7 +5,8 @@ every query the other stages make (a monitor window, the loop's label counts, a 
 rows, a bake's paired items). A change of schema or index is made and reviewed in one place.
 
 Rows are written per batch in one transaction, and the service answers only after the commit, so
-an acknowledged prediction is durable (SQLite WAL with synchronous=FULL, or Postgres). Feedback
+an acknowledged prediction survives a kill -9 of any process (SQLite WAL; an fsync per commit, which
+also survives power loss, with DRIFTLOOP_DB_SYNCHRONOUS=full: core/statedb.py; or Postgres). Feedback
 (late ground truth) is joined onto the same row by request id.
 """
 
@@ -32,10 +33,13 @@ from sqlalchemy import (
     Text,
     case,
     func,
+    inspect,
     select,
+    text as sql_text,
     update,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from core.descriptors import DESCRIPTOR_COLUMNS
 from core.statedb import UTCDateTime, create_tables
@@ -58,13 +62,29 @@ predictions = Table(
     Column("embedding", LargeBinary),  # float32 bytes of the pooled embedding
     Column("feedback_label", String(255)),
     Column("feedback_at", UTCDateTime()),
+    Column("runtime", String(32)),  # what computed the row (core/runtimes.py); NULL in logs older than runtimes: torch
     Index("ix_predictions_model_created", "model_version", "created_at"),
     Index("ix_predictions_created", "created_at"),
 )
 
 
+# Columns added after the table first shipped: (name, SQL type), all nullable, so an older log gains
+# them in place (one ALTER TABLE each, the same statement on SQLite and Postgres).
+ADDED_COLUMNS = (("runtime", "VARCHAR(32)"),)
+
+
 def ensure_schema(engine: Engine) -> None:
+    """Create the log's tables, and add the columns newer versions write to a log made by an older one."""
     create_tables(metadata, engine)
+    present = {c["name"] for c in inspect(engine).get_columns("predictions")}
+    missing = [(name, kind) for name, kind in ADDED_COLUMNS if name not in present]
+    for name, kind in missing:
+        try:
+            with engine.begin() as conn:
+                conn.execute(sql_text(f"ALTER TABLE predictions ADD COLUMN {name} {kind}"))
+        except (OperationalError, ProgrammingError):  # another process added it first
+            if name not in {c["name"] for c in inspect(engine).get_columns("predictions")}:
+                raise
 
 
 def text_hash(text: str) -> str:
@@ -83,8 +103,10 @@ class LoggedPrediction:
     embedding: np.ndarray
 
 
-def write_batch(engine: Engine, model_version: str, rows: Sequence[LoggedPrediction], store_text: bool = True) -> None:
-    """Insert a batch of predictions in one transaction (all or nothing)."""
+def write_batch(engine: Engine, model_version: str, rows: Sequence[LoggedPrediction], store_text: bool = True,
+                runtime: str = "torch") -> None:
+    """Insert a batch of predictions in one transaction (all or nothing); `runtime` is what computed
+    them (the monitor tests them against the reference profiled with the same runtime)."""
     now = dt.datetime.now(dt.timezone.utc)
     values = [{
         "request_id": r.request_id,
@@ -98,6 +120,7 @@ def write_batch(engine: Engine, model_version: str, rows: Sequence[LoggedPredict
         **{k: float(r.descriptors[k]) for k in DESCRIPTOR_COLUMNS},
         "truncated": bool(r.truncated),
         "embedding": np.asarray(r.embedding, dtype=np.float32).tobytes(),
+        "runtime": runtime,
     } for r in rows]
     with engine.begin() as conn:
         conn.execute(predictions.insert(), values)
@@ -206,7 +229,7 @@ def window_rows(engine: Engine, model_version: str, *, last: int | None = 1000, 
     oldest first, with what a monitor window needs (monitoring/window.py builds the frame)."""
     c = predictions.c
     query = select(c.id, c.created_at, c.label, c.confidence, c.probs, c.truncated, c.embedding,
-                   c.feedback_label, *(c[name] for name in DESCRIPTOR_COLUMNS)).where(c.model_version == model_version)
+                   c.feedback_label, c.runtime, *(c[name] for name in DESCRIPTOR_COLUMNS)).where(c.model_version == model_version)
     if since is not None:
         query = query.where(c.created_at >= since)
     if until is not None:

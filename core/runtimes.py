@@ -34,11 +34,13 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
 import numpy as np
 import onnxruntime as ort
+import pandas as pd
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import nn
@@ -57,6 +59,40 @@ RUNTIME_DIR = "runtimes"
 MANIFEST = "manifest.json"
 FILES = {"onnx": "model.onnx", "onnx-int8": "model-int8.onnx"}
 OPSET = 18
+
+# What the service serves unless told otherwise (service/settings.py); the loop reads the same
+# variables so that its gate and bake score the runtime that serves (`serving_choice`).
+DEFAULT_RUNTIME: Runtime = "onnx"
+DEFAULT_INT8_TOLERANCE_PT = 0.5
+RUNTIME_ENV, TOLERANCE_ENV = "DRIFTLOOP_SERVICE_RUNTIME", "DRIFTLOOP_SERVICE_INT8_TOLERANCE_PT"
+
+
+@dataclass(frozen=True)
+class ServingChoice:
+    """The runtime the service is asked to serve and its int8 tolerance: the loop scores models as
+    they will serve (an int8 variant that fails its accuracy check serves, and is scored, as fp32)."""
+
+    runtime: Runtime = DEFAULT_RUNTIME
+    int8_tolerance_pt: float = DEFAULT_INT8_TOLERANCE_PT
+
+    def load(self, tag: str, device: str = "cpu") -> Predictor:
+        return load_runtime_predictor(tag, self.runtime, device=device, precision="fp32",
+                                      int8_tolerance_pt=self.int8_tolerance_pt)
+
+
+def serving_choice(runtime: str | None = None, int8_tolerance_pt: float | None = None) -> ServingChoice:
+    """The given runtime and tolerance, else the service's (DRIFTLOOP_SERVICE_RUNTIME and
+    DRIFTLOOP_SERVICE_INT8_TOLERANCE_PT, as `driftloop serve` sets them), else the defaults."""
+    runtime = runtime or os.environ.get(RUNTIME_ENV) or DEFAULT_RUNTIME
+    if runtime not in RUNTIMES:
+        raise DriftloopError(f"unknown runtime {runtime!r}; one of {', '.join(RUNTIMES)}")
+    if int8_tolerance_pt is None:
+        raw = os.environ.get(TOLERANCE_ENV)
+        try:
+            int8_tolerance_pt = DEFAULT_INT8_TOLERANCE_PT if raw is None else float(raw)
+        except ValueError:
+            raise DriftloopError(f"invalid {TOLERANCE_ENV}: {raw!r} is not a number") from None
+    return ServingChoice(runtime, int8_tolerance_pt)  # type: ignore[arg-type]
 
 
 class LogitsAndPooled(nn.Module):
@@ -302,3 +338,67 @@ def load_runtime_predictor(tag: str, runtime: Runtime = "torch", *, device: str 
     int8.runtime_note = (f"onnx-int8 accepted: {check['accuracy_int8']:.4f} vs fp32 {check['accuracy_fp32']:.4f} on "
                          f"{check['n']} held-out rows ({loss_pt:+.2f} pt lost, {int8_tolerance_pt} allowed)")
     return int8
+
+
+REFERENCE_FILES = {"onnx": ("reference-onnx.parquet", "reference-onnx.npy"),
+                   "onnx-int8": ("reference-onnx-int8.parquet", "reference-onnx-int8.npy")}
+
+
+def _runtime_accuracy(model: registry.RegisteredModel, runtime: str, manifest: dict) -> tuple[float | None, int]:
+    """The reference accuracy of `runtime`: the lineage's (PyTorch on the held-out rows), except for
+    int8, whose own accuracy on the same held-out rows is in its check (int8 may lose up to its tolerance)."""
+    ref = model.lineage.get("reference") or {}
+    check = manifest.get("int8_check") or {}
+    if runtime == "onnx-int8" and check.get("int8_sha256") == (manifest.get("files") or {}).get("onnx-int8", {}).get("sha256"):
+        return float(check["accuracy_int8"]), int(check["n"])
+    return (None if ref.get("accuracy") is None else float(ref["accuracy"])), int(ref.get("n") or 0)
+
+
+def reference_profile(model: registry.RegisteredModel, runtime: str) -> tuple[pd.DataFrame, np.ndarray, dict]:
+    """The model's reference profile as `runtime` computes it: (frame, embeddings, info).
+
+    The registered profile (core/profile.py) was computed with PyTorch at registration. int8's
+    calibrated probabilities and embeddings differ from fp32's (ONNX fp32's do not, beyond 1e-4), so
+    a monitor comparing int8 traffic with a PyTorch reference would report the runtime as drift
+    (bench/runtime_drift.py measures it). The same texts are therefore run through the runtime's
+    own graph, once, under the model's lock, and kept beside its files with their checksums; the
+    labels are the registered profile's. `info`: runtime, rows, accuracy and its n.
+    """
+    frame, embeddings = profile.load(model.path)
+    if runtime == "torch":
+        acc, n = _runtime_accuracy(model, runtime, {})
+        return frame, embeddings, {"runtime": "torch", "rows": len(frame), "accuracy": acc, "accuracy_n": n}
+    directory = Path(model.path) / RUNTIME_DIR
+    parquet, npy = (directory / name for name in REFERENCE_FILES[runtime])
+    manifest = ensure_files(model, runtime)
+    with _exclusive(directory):
+        manifest = read_manifest(model)
+        source = _verified(model, runtime, manifest)
+        entry = (manifest.get("references") or {}).get(runtime)
+        fresh = (entry is not None and entry["source_sha256"] == manifest["files"][runtime]["sha256"]
+                 and parquet.is_file() and npy.is_file())
+        if fresh and (sha256_of(parquet), sha256_of(npy)) != (entry["parquet_sha256"], entry["npy_sha256"]):
+            raise DriftloopError(f"{model.tag}: its {runtime} reference profile does not match its recorded sha256: refused")
+        if not fresh:
+            started = time.perf_counter()
+            names = list(model.lineage["label_names"])
+            predictor = RuntimePredictor(source, load_tokenizer(str(model.path)), names, runtime=runtime,
+                                         temperature=model.lineage.get("temperature", 1.0),
+                                         max_length=model.lineage.get("max_length", 128))
+            texts = frame["text"].tolist()
+            labels = [names.index(y) if isinstance(y, str) and y in names else None for y in frame["label"].tolist()]
+            own_frame, own_embeddings = profile.build(texts, labels, names, predictor.predict(texts, batch_size=32))
+            tmp_parquet, tmp_npy = parquet.with_suffix(".tmp"), npy.with_name(npy.name + ".tmp.npy")
+            own_frame.to_parquet(tmp_parquet, index=False)
+            np.save(tmp_npy, own_embeddings)
+            _replace_atomically(tmp_parquet, parquet)
+            _replace_atomically(tmp_npy, npy)
+            entry = {"source_sha256": manifest["files"][runtime]["sha256"], "rows": len(own_frame),
+                     "parquet_sha256": sha256_of(parquet), "npy_sha256": sha256_of(npy),
+                     "seconds": round(time.perf_counter() - started, 2)}
+            manifest = {**manifest, "references": {**(manifest.get("references") or {}), runtime: entry}}
+            _write_manifest(model, manifest)
+            log.info("%s: reference profile on %s, %d rows in %.1fs", model.tag, runtime, len(own_frame), entry["seconds"])
+    own_frame, own_embeddings = pd.read_parquet(parquet), np.load(npy)
+    acc, n = _runtime_accuracy(model, runtime, manifest)
+    return own_frame, own_embeddings, {"runtime": runtime, "rows": len(own_frame), "accuracy": acc, "accuracy_n": n}

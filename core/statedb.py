@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.types import TypeDecorator
 
+from core.errors import DriftloopError
 from core.home import state_db_url
 
 _engines: dict[str, Engine] = {}
@@ -78,12 +79,35 @@ def create_tables(metadata: MetaData, engine: Engine) -> None:
 
 DEFAULT_LOCK_TIMEOUT_S = 10.0
 
+SYNCHRONOUS_ENV = "DRIFTLOOP_DB_SYNCHRONOUS"
+SYNCHRONOUS_MODES = ("normal", "full")
+
+
+def sqlite_synchronous() -> str:
+    """SQLite's commit policy, `normal` (default) or `full`, from DRIFTLOOP_DB_SYNCHRONOUS.
+
+    Both keep "an answered prediction is in the log" through a crash or kill -9 of any driftloop
+    process: in WAL mode a commit is in the WAL file (the OS page cache) before it returns, and the
+    next opener replays it. `normal` skips the fsync per commit, so an operating-system crash or a
+    power loss can lose the last commits before the next checkpoint (the database itself stays
+    consistent); `full` fsyncs the WAL at every commit and survives those too. Measured on this
+    machine's disk (docs/benchmarks.md): one prediction batch's commit took 1.9 ms with `full` at
+    one client, about half the time of a forward pass; `normal` removes it. Postgres ignores this
+    (its own `synchronous_commit` applies).
+    """
+    mode = os.environ.get(SYNCHRONOUS_ENV, "normal").strip().lower()
+    if mode not in SYNCHRONOUS_MODES:
+        raise DriftloopError(f"invalid {SYNCHRONOUS_ENV}={mode!r}: one of {', '.join(SYNCHRONOUS_MODES)}")
+    return mode
+
 
 def _sqlite_pragmas(lock_timeout_s: float):
+    synchronous = sqlite_synchronous()
+
     def apply(dbapi_conn, _record) -> None:
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer; crash-safe
-        cur.execute("PRAGMA synchronous=FULL")  # a committed row survives power loss, not just kill -9
+        cur.execute(f"PRAGMA synchronous={synchronous.upper()}")  # see sqlite_synchronous
         cur.execute(f"PRAGMA busy_timeout={int(lock_timeout_s * 1000)}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()

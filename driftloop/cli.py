@@ -57,10 +57,13 @@ def up(
     controller_port: int = typer.Option(3100, help="Port of the controller (/metrics, /status, /reports)."),
     prometheus_port: int = typer.Option(9090, help="Port of the local Prometheus, when its binary is installed."),
     prometheus: bool = typer.Option(True, "--prometheus/--no-prometheus", help="Start a local Prometheus if installed."),
+    scrape_interval: str = typer.Option("15s", help="Prometheus's scrape and rule-evaluation interval (a Prometheus duration)."),
+    ui_port: int = typer.Option(8000, help="Port of Evidently's UI over the monitor's workspace."),
+    ui: bool = typer.Option(True, "--ui/--no-ui", help="Start Evidently's UI (evidently ui) over the monitor's workspace."),
     serve: bool = typer.Option(True, "--serve/--no-serve", help="Start the service and the controller after bootstrapping."),
 ) -> None:
     """Bootstrap a first model on the demo data when none serves yet, then run the service, the
-    controller and a local Prometheus (when installed) until Ctrl-C."""
+    controller, a local Prometheus (when installed) and Evidently's UI until Ctrl-C, printing each URL."""
 
     typer.echo(f"DRIFTLOOP_HOME={driftloop_home()}")
     prod = alias.current()
@@ -82,12 +85,14 @@ def up(
     if serve:
         from driftloop import stack  # noqa: PLC0415 - see the module docstring
 
-        for name, value in (("--port", port), ("--controller-port", controller_port), ("--prometheus-port", prometheus_port)):
+        for name, value in (("--port", port), ("--controller-port", controller_port), ("--prometheus-port", prometheus_port),
+                            ("--ui-port", ui_port)):
             if not 0 < value < 65536:
                 raise DriftloopError(f"{name} must be between 1 and 65535, got {value}")
         typer.echo("starting the service and the controller ...")
         stack.run(driftloop_home(), port=port, controller_port=controller_port, prometheus_port=prometheus_port,
-                  with_prometheus=prometheus, say=typer.echo)
+                  ui_port=ui_port, with_prometheus=prometheus, with_ui=ui, say=typer.echo,
+                  scrape_interval=scrape_interval)
 
 
 def replay_command(

@@ -1,5 +1,6 @@
 """Child processes for operator tooling, benches and tests: `driftloop <verb>` in its own process
-group, logging to a file, with a readiness wait on an HTTP URL and a clean stop of the whole group."""
+group, logging to a file, dying with the process that started it (core/lifecycle.py), with a
+readiness wait on an HTTP URL and a clean stop of the whole group."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from core.lifecycle import die_with_parent
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,7 +32,8 @@ class Proc:
         self.log_path = log_path
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd or [sys.executable, "-m", "driftloop", *args], cwd=REPO, env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=die_with_parent(signal.SIGTERM))  # noqa: PLW1509 - see core.lifecycle
 
     def wait_http(self, url: str, timeout: float = 180) -> None:
         deadline = time.time() + timeout

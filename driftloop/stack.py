@@ -1,8 +1,11 @@
-"""What `driftloop up` runs: the service, the controller and (when installed) a local Prometheus.
+"""What `driftloop up` runs: the service, the controller, a local Prometheus (when installed) with
+the shipped alert rules, and Evidently's UI over the monitor's workspace, each on its own port.
 
-Each is a child process in its own process group; Ctrl-C or SIGTERM stops them all, service last,
-so no acknowledged prediction is cut off. Before starting them it makes sure the bearer tokens
-exist (core/tokens.py): a token generated now is printed once; later starts print its path.
+Each is a child process in its own process group that dies with `driftloop up` (core/lifecycle.py:
+kill -9 included); Ctrl-C or SIGTERM stops them all, service last, so no acknowledged prediction is
+cut off. Every port is checked first: one in use is one line naming it and its holder. Before
+starting them it makes sure the bearer tokens exist (core/tokens.py): a token generated now is
+printed once; later starts print its path.
 """
 
 from __future__ import annotations
@@ -10,16 +13,20 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Callable
 
+import httpx
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from core import tokens
 from core.errors import DriftloopError
+from core.lifecycle import ensure_port_free
 from driftloop.procs import Proc
+from monitoring.passes import workspace_dir, workspace_project
 
 REPO = Path(__file__).resolve().parent.parent
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
@@ -30,7 +37,7 @@ def prometheus_config(service: str, controller: str, scrape_interval: str = "15s
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text(encoding="utf-8"))
     config["global"].update({"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval})
     config["rule_files"] = [str(PROMETHEUS_CONFIG.parent / name) for name in config.get("rule_files", [])]
-    config.pop("alerting", None)  # no Alertmanager locally; alerts show on Prometheus' /alerts page
+    config.pop("alerting", None)  # no Alertmanager locally; alerts show on Prometheus's own alerts page
     targets = {"driftloop-service": service, "driftloop-controller": controller}
     for job in config["scrape_configs"]:
         job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
@@ -56,9 +63,36 @@ def ensure_tokens(say: Callable[[str], None]) -> None:
     tokens.require(kinds)  # well-formed and distinct, before anything starts
 
 
-def run(home: Path, *, port: int, controller_port: int, prometheus_port: int, with_prometheus: bool,
-        say: Callable[[str], None]) -> None:
+def alerts_path(url: str) -> str:
+    """Prometheus's alerts page: `/alerts` upstream; Debian's build ships only the classic UI, at `/classic/alerts`."""
+    for path in ("/alerts", "/classic/alerts"):
+        try:
+            if httpx.get(url + path, timeout=5).status_code == 200:
+                return path
+        except httpx.HTTPError:
+            pass
+    return "/alerts"
+
+
+def evidently_command() -> list[str]:
+    """`evidently ui` from this environment (its console script beside this Python)."""
+    binary = shutil.which("evidently", path=str(Path(sys.executable).parent)) or shutil.which("evidently")
+    if binary is None:
+        raise DriftloopError("the evidently command is not installed in this environment (pip install -e .)")
+    return [binary, "ui"]
+
+
+def run(home: Path, *, port: int, controller_port: int, prometheus_port: int, ui_port: int, with_prometheus: bool,
+        with_ui: bool, say: Callable[[str], None], scrape_interval: str = "15s") -> None:
     ensure_tokens(say)
+    prometheus_binary = shutil.which("prometheus") if with_prometheus else None
+    ports = [(port, "the service (--port)"), (controller_port, "the controller (--controller-port)")]
+    ports += [(prometheus_port, "Prometheus (--prometheus-port)")] if prometheus_binary else []
+    ports += [(ui_port, "the Evidently UI (--ui-port)")] if with_ui else []
+    if len({p for p, _ in ports}) < len(ports):
+        raise DriftloopError("each part needs its own port: " + ", ".join(f"{what} {p}" for p, what in ports))
+    for p, what in ports:
+        ensure_port_free(p, "127.0.0.1", what)
     env = dict(os.environ)
     procs: list[tuple[str, Proc]] = []
     stop = {"now": False}
@@ -77,17 +111,28 @@ def run(home: Path, *, port: int, controller_port: int, prometheus_port: int, wi
         say(f"service:    http://127.0.0.1:{port}   (POST /predict, /explain; /feedback with the feedback token; GET /metrics)   "
             f"log {home / 'service.log'}")
         say(f"controller: http://127.0.0.1:{controller_port}   (/status, /metrics, /reports/latest)   log {home / 'controller.log'}")
-        binary = shutil.which("prometheus")
-        if with_prometheus and binary:
+        if prometheus_binary:
             cfg_path = home / "prometheus.yml"
-            cfg_path.write_text(yaml.safe_dump(prometheus_config(f"127.0.0.1:{port}", f"127.0.0.1:{controller_port}")))
+            cfg_path.write_text(yaml.safe_dump(prometheus_config(f"127.0.0.1:{port}", f"127.0.0.1:{controller_port}", scrape_interval)))
             prom = Proc([], env, home / "prometheus.log",
-                        cmd=[binary, f"--config.file={cfg_path}", f"--storage.tsdb.path={home / 'prometheus'}",
+                        cmd=[prometheus_binary, f"--config.file={cfg_path}", f"--storage.tsdb.path={home / 'prometheus'}",
                              f"--web.listen-address=127.0.0.1:{prometheus_port}"])
             procs.append(("prometheus", prom))
-            say(f"prometheus: http://127.0.0.1:{prometheus_port}   (alerts: /alerts)")
+            url = f"http://127.0.0.1:{prometheus_port}"
+            prom.wait_http(f"{url}/-/ready")
+            say(f"prometheus: {url}   (alerts of the shipped rules: {url}{alerts_path(url)}; graphs: {url}/graph)   "
+                f"log {home / 'prometheus.log'}")
         elif with_prometheus:
-            say("prometheus: not installed (apt-get install prometheus), skipped")
+            say("prometheus: not installed (make up installs it; or apt-get install prometheus), skipped")
+        if with_ui:
+            _, project = workspace_project()
+            ui = Proc([], {**env, "DO_NOT_TRACK": "1"}, home / "evidently-ui.log",
+                      cmd=[*evidently_command(), "--workspace", str(workspace_dir()), "--host", "127.0.0.1", "--port", str(ui_port)])
+            procs.append(("evidently ui", ui))
+            url = f"http://127.0.0.1:{ui_port}"
+            ui.wait_http(f"{url}/api/version")
+            say(f"evidently:  {url}/projects/{project.id}   (drift tests over the monitor passes; each pass's report under "
+                f"Reports)   log {home / 'evidently-ui.log'}")
         say("Ctrl-C stops everything.")
         while not stop["now"]:
             for name, p in procs:
@@ -101,4 +146,3 @@ def run(home: Path, *, port: int, controller_port: int, prometheus_port: int, wi
             p.stop()
         for s, handler in old.items():
             signal.signal(s, handler)
-

@@ -14,7 +14,7 @@ import logging
 
 from sqlalchemy.engine import Engine
 
-from core import audit, inference, predlog, production
+from core import audit, predlog, production, runtimes
 from core.errors import DriftloopError
 from loop.lease import Fence
 from loop.paired import PairedComparison, mcnemar_one_sided
@@ -39,16 +39,19 @@ def in_bake(engine: Engine, version: str) -> dict | None:
 
 class ShadowScorer:
     """The previous champion, loaded in the controller for the bake: it scores the same labelled items
-    the new champion served. Keeps one model at a time and drops it once the bake has decided."""
+    the new champion served, on the runtime it served on (`runtimes.serving_choice`: the new champion's
+    answers in the log came from that runtime too). Keeps one model at a time and drops it once the
+    bake has decided."""
 
-    def __init__(self, device: str = "cpu"):
+    def __init__(self, device: str = "cpu", choice: runtimes.ServingChoice | None = None):
         self.device = device
+        self.choice = choice
         self._tag: str | None = None
         self._predictor = None
 
     def correct(self, tag: str, texts: list[str], labels: list[str]) -> list[bool]:
         if self._tag != tag:
-            self._predictor, self._tag = inference.load_predictor(tag, device=self.device), tag
+            self._predictor, self._tag = (self.choice or runtimes.serving_choice()).load(tag, device=self.device), tag
         out = self._predictor.predict(texts)
         names = self._predictor.label_names
         return [names[i] == y for i, y in zip(out.labels, labels)]

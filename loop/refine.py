@@ -35,7 +35,7 @@ from collections.abc import Callable
 import numpy as np
 from sqlalchemy.engine import Connection, Engine
 
-from core import alias, audit, data_store, inference, predlog, production, profile, registry
+from core import alias, audit, data_store, inference, predlog, production, profile, registry, runtimes
 from core.data_store import DatasetRef, Row
 from core.errors import DriftloopError
 from core.inference import Predictor
@@ -212,15 +212,16 @@ def run(engine: Engine, config: RefineConfig, *, trigger: str = "manual", since_
                  averaging["alpha"], averaging["val_accuracy_by_alpha"])
     ev = evaluate(cfg, fitted, data)
 
-    # gate items and the regression suite, scored by both models on the same items
+    # gate items and the regression suite: the challenger's PyTorch accuracy on them is its reference
+    # accuracy (lineage); the gate scores both models on the same items with the runtime that serves
+    choice = runtimes.serving_choice(config.serving_runtime, config.int8_tolerance_pt)
     chall_pred = Predictor(fitted.model, fitted.tokenizer, label_names, max_length=cfg.model.max_length)
-    g_texts, g_labels = [t for _, t, _ in gate_rows], [y for _, _, y in gate_rows]
-    r_texts, r_labels = [t for t, _ in suite], [y for _, y in suite]
-    flags = {name: (correct_flags(champ_pred, texts, labels), correct_flags(chall_pred, texts, labels))
-             for name, texts, labels in (("fresh", g_texts, g_labels), ("suite", r_texts, r_labels))}
+    items = {"fresh": ([t for _, t, _ in gate_rows], [y for _, _, y in gate_rows]),
+             "suite": ([t for t, _ in suite], [y for _, y in suite])}
+    torch_flags = {name: correct_flags(chall_pred, texts, labels) for name, (texts, labels) in items.items()}
     new_suite = suite + [(t, y) for _, t, y in gate_rows]
     suite_ref = data_store.put(new_suite)
-    chall_suite_correct = np.concatenate([flags["suite"][1], flags["fresh"][1]])
+    chall_suite_correct = np.concatenate([torch_flags["suite"], torch_flags["fresh"]])
 
     # the reference: what the challenger will serve (the champion's newest traffic), as it sees it
     ref_texts = predlog.recent_texts(engine, champion.tag, since_id, config.reference_rows)
@@ -255,8 +256,15 @@ def run(engine: Engine, config: RefineConfig, *, trigger: str = "manual", since_
     challenger_tag = outcome.tag
     inference.load_verified(challenger_tag)  # a challenger that does not load from the store fails the refinement here
 
+    if choice.runtime == "torch":
+        scorers = {"champion": champ_pred, "challenger": chall_pred}
+    else:  # as they serve: the challenger's files are made here, once, for the service to load
+        scorers = {"champion": choice.load(champion.tag), "challenger": choice.load(challenger_tag)}
+    flags = {name: tuple(correct_flags(scorers[who], texts, labels) for who in ("champion", "challenger"))
+             for name, (texts, labels) in items.items()}
+    scored_with = {who: {"runtime": p.runtime, "note": p.runtime_note} for who, p in scorers.items()}
     result: GateResult = gate_evaluate(flags["fresh"][0], flags["fresh"][1], flags["suite"][0], flags["suite"][1], config.gate)
-    audit.record(engine, "gate", challenger_tag, champion=champion.tag, **result.to_json())
+    audit.record(engine, "gate", challenger_tag, champion=champion.tag, scored_with=scored_with, **result.to_json())
     promoted = False
     if result.passed and config.promote:
         checks = [c for c in (fence, alias.still_at(champion.tag)) if c is not None]
@@ -270,6 +278,7 @@ def run(engine: Engine, config: RefineConfig, *, trigger: str = "manual", since_
             log.warning("not promoted: %s", err)
     summary = {
         "challenger": challenger_tag, "champion": champion.tag, "promoted": promoted, "gate": result.to_json(),
+        "gate_scored_with": scored_with,
         "refinement": refinement, "data_lineage": data_lineage, "reference": reference_info,
         "val_metrics": outcome.metrics.get("val"), "seconds": round(time.perf_counter() - started, 1),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),

@@ -9,7 +9,7 @@ processes never needs to load.
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -50,6 +50,12 @@ class RefineConfig(BaseModel):
         "At 200 reference rows against a 1,000-row window a KS test at a Holm-corrected 0.001 detects a "
         "shift of D = 0.15; a refinement's validation split (20-120 rows) only D > 0.26."))
     promote: bool = Field(True, description="Promote when the gate passes (False: register and gate only).")
+    # core.runtimes.Runtime, spelled out here: importing core.runtimes loads torch and ONNX Runtime
+    serving_runtime: Literal["torch", "onnx", "onnx-int8"] | None = Field(None, description=(
+        "The runtime the gate scores both models on: the one that will serve them (core/runtimes.py). None: the "
+        "service's, DRIFTLOOP_SERVICE_RUNTIME, else onnx; an int8 variant that fails its accuracy check is scored as fp32, as it serves."))
+    int8_tolerance_pt: float | None = Field(None, ge=0, le=100, description=(
+        "With serving_runtime onnx-int8: the int8 accuracy check's tolerance. None: DRIFTLOOP_SERVICE_INT8_TOLERANCE_PT, else 0.5."))
     gate: GateConfig = GateConfig()
 
     @model_validator(mode="after")

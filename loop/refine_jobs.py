@@ -11,23 +11,20 @@ leaves no orphan that could register or promote later; the next controller to le
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import datetime as dt
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
 from core import audit
 from core.home import runs_dir
+from core.lifecycle import die_with_parent
 from loop.lease import Fence
 from loop.refine_config import RefineConfig
 from monitoring import exporter
@@ -35,38 +32,6 @@ from monitoring import exporter
 log = logging.getLogger("driftloop.loop")
 INTERRUPTED = "interrupted: the controller stopped during the refinement"
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the child runs `python -m driftloop` from here
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _pdeathsig_preexec() -> Callable[[], None] | None:
-    """A preexec_fn that makes the child die (SIGKILL) when the thread that started it dies; None off Linux.
-
-    Why this and not the child watching its parent's pid: the kernel delivers the signal the moment the
-    controller dies, even by SIGKILL or the OOM killer, with no polling and no change to `driftloop
-    refine`. The Python docs warn that preexec_fn is unsafe with threads (the controller has several):
-    the forked child holds only the forking thread, so a preexec_fn that takes a lock another thread
-    held at fork time deadlocks. This one takes none: libc and `prctl` are resolved here, in the parent,
-    and the child only makes two syscalls (prctl, getppid) and maybe a kill; no import, allocation-heavy
-    code or logging runs between fork and exec. Caveats: the signal follows the *thread* that forked, so
-    the Popen must be made by a thread that outlives the child (`RefineJobs._run` waits on it in the same
-    thread); elsewhere than Linux nothing is set and `recover_interrupted` still closes the audit trail.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect: the signal will never come
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
-
-
 def refine_command(refine: RefineConfig, trigger: str, since_id: int | None, runs: list[int], fence: Fence | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "driftloop", "refine", "--json", "--quiet", "--trigger", trigger,
            "--config-json", refine.model_dump_json(), "--monitor-runs", ",".join(map(str, runs)) or "none"]
@@ -175,9 +140,9 @@ class RefineJobs:
             log_dir = runs_dir()
             stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
             with open(log_dir / f"refine-{stamp}.log", "w") as err:
-                # this thread starts the child and waits for it: see _pdeathsig_preexec
+                # this thread starts the child and waits for it: see core.lifecycle.die_with_parent
                 self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
-                                              cwd=str(REPO_ROOT), preexec_fn=_pdeathsig_preexec())
+                                              cwd=str(REPO_ROOT), preexec_fn=die_with_parent(signal.SIGKILL))
                 out, _ = self._proc.communicate()
             code = self._proc.returncode
             if code != 0 and _child_outcome(engine, start_id) is not None:

@@ -28,7 +28,7 @@ import pandas as pd
 from evidently import DataDefinition, Dataset, Report
 from evidently.metrics import ValueDrift
 
-from core import profile, registry
+from core import registry, runtimes
 from core.descriptors import DESCRIPTOR_COLUMNS
 from core.profile import prob_column
 from monitoring import stats
@@ -104,18 +104,19 @@ class Reference:
     embeddings: np.ndarray
     accuracy: float | None
     accuracy_n: int = 0
+    runtime: str = "torch"
 
     @classmethod
-    def load(cls, model_version: str) -> "Reference":
+    def load(cls, model_version: str, runtime: str = "torch") -> "Reference":
+        """The reference as `runtime` computes it (core/runtimes.reference_profile): live rows and
+        reference are then measured by the same graph, so a runtime is never mistaken for drift."""
         model = registry.get(model_version)
-        frame, embeddings = profile.load(model.path)
-        ref = model.lineage.get("reference") or {}
-        if ref.get("accuracy") is not None:
-            accuracy, n = float(ref["accuracy"]), int(ref.get("n") or 0)
-        else:  # registered before references were recorded: its validation split
+        frame, embeddings, info = runtimes.reference_profile(model, runtime)
+        accuracy, n = info["accuracy"], info["accuracy_n"]
+        if accuracy is None:  # registered before references were recorded: its validation split
             val = (model.lineage.get("metrics") or {}).get("val") or {}
             accuracy, n = val.get("accuracy"), int(val.get("n") or len(frame))
-        return cls(model_version, list(model.lineage["label_names"]), frame, embeddings, accuracy, n)
+        return cls(model_version, list(model.lineage["label_names"]), frame, embeddings, accuracy, n, runtime)
 
 
 def probability_columns(label_names: list[str]) -> list[str]:
@@ -200,7 +201,8 @@ def run_pass(reference: Reference, window: Window, config: MonitorConfig) -> Pas
         model_version=window.model_version, status="insufficient", drift=None, window_size=window.size,
         window_first_id=window.first_id, window_last_id=window.last_id, window_start=window.start, window_end=window.end,
         alpha=config.alpha,
-        reference={"n": len(reference.frame), "accuracy": reference.accuracy, "accuracy_n": reference.accuracy_n},
+        reference={"n": len(reference.frame), "accuracy": reference.accuracy, "accuracy_n": reference.accuracy_n,
+                   "runtime": reference.runtime},
     )
     if window.size == 0:
         result.duration_s = time.perf_counter() - started

@@ -10,10 +10,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from evidently.sdk.models import PanelMetric
+from evidently.sdk.panels import line_plot_panel
 from evidently.ui.workspace import Workspace
 from sqlalchemy.engine import Engine
 
-from core import alias, predlog
+from core import alias, predlog, registry
 from core.errors import DriftloopError
 from core.home import driftloop_home
 from monitoring import store, window
@@ -53,21 +55,48 @@ def serving_version(engine: Engine) -> str:
     return latest
 
 
-_reference_cache: dict[str, Reference] = {}
+_reference_cache: dict[tuple[str, str], Reference] = {}
 
 
-def reference_for(model_version: str) -> Reference:
-    """A model's reference profile (cached: registered models never change)."""
-    if model_version not in _reference_cache:
-        _reference_cache[model_version] = Reference.load(model_version)
-    return _reference_cache[model_version]
+def reference_for(model_version: str, runtime: str = "torch") -> Reference:
+    """A model's reference profile as `runtime` computes it (cached: registered models never change)."""
+    key = (model_version, runtime)
+    if key not in _reference_cache:
+        _reference_cache[key] = Reference.load(model_version, runtime)
+    return _reference_cache[key]
+
+
+def _window_and_reference(engine: Engine, version: str, **window_args) -> tuple[window.Window, Reference]:
+    """A window of `version`'s log and the reference of the runtime that computed it."""
+    label_names = list(registry.get(version).lineage["label_names"])
+    win = window.load(engine, version, label_names, **window_args)
+    return win, reference_for(version, win.runtime)
+
+
+DRIFT_PANEL_COLUMNS = ("prediction", "confidence")
+
+
+def workspace_project() -> tuple[Workspace, object]:
+    """The Evidently workspace (what `evidently ui` serves, `driftloop up` starts it) and its driftloop
+    project, made on first use with a dashboard: without panels Evidently's project page is empty,
+    and an operator opening it should see the drift tests over the passes at once, each pass's
+    report one click away (its Reports tab)."""
+    ws = Workspace.create(str(workspace_dir()))
+    projects = ws.search_project(WORKSPACE_PROJECT)
+    if projects:
+        return ws, projects[0]
+    project = ws.create_project(WORKSPACE_PROJECT, description="driftloop monitor passes: one report per pass")
+    project.dashboard.add_panel(line_plot_panel(
+        title="Drift tests: p-value per monitor pass",
+        description="Lower is further from the reference profile; the pass reports drift when Holm-Bonferroni "
+                    "rejects at the monitor's alpha (every test is in each pass's report)",
+        values=[PanelMetric(legend=column, metric="ValueDrift", metric_labels={"column": column}) for column in DRIFT_PANEL_COLUMNS]))
+    return ws, project
 
 
 def _add_to_workspace(result: PassResult) -> None:
     """Append the pass's snapshot to the Evidently workspace so `evidently ui` browses the history."""
-    ws = Workspace.create(str(workspace_dir()))
-    projects = ws.search_project(WORKSPACE_PROJECT)
-    project = projects[0] if projects else ws.create_project(WORKSPACE_PROJECT, description="driftloop monitor passes")
+    ws, project = workspace_project()
     ws.add_run(project.id, result.snapshot, include_data=False)
 
 
@@ -85,9 +114,8 @@ def with_fresh_labels(engine: Engine, config: MonitorConfig, stored: dict) -> di
     labels of a window keep coming after its verdict. No new drift verdict (same rows), nothing stored."""
     if not stored.get("window_size") or stored.get("window_last_id") is None:
         return stored
-    reference = reference_for(stored["model_version"])
-    win = window.load(engine, stored["model_version"], reference.label_names, last=stored["window_size"],
-                      up_to_id=stored["window_last_id"])
+    win, reference = _window_and_reference(engine, stored["model_version"], last=stored["window_size"],
+                                           up_to_id=stored["window_last_id"])
     return {**stored, "quality": clean(quality(reference, win, config))}
 
 
@@ -96,9 +124,8 @@ def monitor_once(engine: Engine, config: MonitorConfig, model_version: str | Non
     predlog.ensure_schema(engine)
     store.ensure_schema(engine)
     version = model_version or serving_version(engine)
-    reference = reference_for(version)
     since = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=config.window_seconds)) if config.window_seconds else None
-    win = window.load(engine, version, reference.label_names, last=config.window, since=since)
+    win, reference = _window_and_reference(engine, version, last=config.window, since=since)
     result = run_pass(reference, win, config)
     run_id = store.save(engine, result)
     report = None

@@ -25,8 +25,17 @@ class Window:
     """Rows of the prediction log, oldest first, plus their embeddings (row i ↔ embeddings[i])."""
 
     model_version: str
-    frame: pd.DataFrame  # id, created_at, prediction, confidence, prob_<label>..., descriptors, truncated, label (feedback or NaN)
+    frame: pd.DataFrame  # id, created_at, prediction, confidence, prob_<label>..., descriptors, truncated, label (feedback or NaN), runtime
     embeddings: np.ndarray  # (n, d) float32; rows logged without an embedding are left out of the embedding test
+
+    @property
+    def runtime(self) -> str:
+        """The runtime that computed most of the window's rows (rows logged before runtimes were
+        recorded: torch). A runtime change inside a window is rare (a restart with another
+        runtime); the window is then tested against the reference of its majority."""
+        if not self.size:
+            return "torch"
+        return str(self.frame["runtime"].fillna("torch").value_counts().idxmax())
 
     @property
     def size(self) -> int:
@@ -60,6 +69,7 @@ def load(engine: Engine, model_version: str, label_names: list[str], *, last: in
         "confidence": np.array([r.confidence for r in rows], dtype=float),
         "truncated": [bool(r.truncated) for r in rows],
         "label": [r.feedback_label for r in rows],
+        "runtime": [r.runtime for r in rows],
     })
     probs = [json.loads(r.probs) for r in rows]
     for name in label_names:

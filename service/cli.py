@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -13,6 +16,7 @@ import typer
 from core import tokens
 from core.errors import DriftloopError
 from core.home import bentoml_home, driftloop_home
+from core.lifecycle import die_with_parent, ensure_port_free
 from service.settings import PREFIX, ServiceSettings
 
 
@@ -47,10 +51,43 @@ def serve_command(
     bentoml_bin = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or shutil.which("bentoml")
     if bentoml_bin is None:
         raise DriftloopError("the bentoml command is not installed in this environment")
+    if not is_loopback(host) and not settings.require_predict_token:
+        typer.echo(f"warning: {host}:{port} is reachable beyond this machine and /predict and /explain are open to anyone "
+                   "who reaches it; add --require-predict-token (clients then send the predict token)", err=True)
+    ensure_port_free(port, host, "driftloop serve")
     root = Path(__file__).resolve().parent.parent
     os.environ["BENTOML_HOME"] = str(private_bentoml_home(port))
     args = [bentoml_bin, "serve", "service.service:Classifier", "--port", str(port), "--host", host, "--working-dir", str(root)]
-    os.execv(bentoml_bin, args)
+    raise typer.Exit(supervise(args))
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to, assume it is reachable
+
+
+def supervise(args: list[str]) -> int:
+    """Run BentoML's server as a child that dies with this process (kill -9 included: the kernel sends
+    it SIGTERM, and BentoML stops its workers, which also die with their arbiter: service.service),
+    pass Ctrl-C and SIGTERM on to it, and return its exit status."""
+    child = subprocess.Popen(args, preexec_fn=die_with_parent(signal.SIGTERM))  # noqa: PLW1509 - see core.lifecycle
+
+    def forward(sig, _frame) -> None:
+        if child.poll() is None:
+            child.send_signal(sig)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    while True:
+        try:
+            return child.wait()
+        except InterruptedError:  # pragma: no cover - PEP 475 retries wait() itself
+            continue
 
 
 def private_bentoml_home(port: int) -> Path:

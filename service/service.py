@@ -17,6 +17,8 @@ Start it with `driftloop serve` or `bentoml serve service.service:Classifier`.
 from __future__ import annotations
 
 import logging
+import signal
+import sys
 import time
 import uuid
 from http import HTTPStatus
@@ -32,8 +34,9 @@ import bentoml  # noqa: E402
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator  # noqa: E402
 
 from core import predlog, registry, tokens  # noqa: E402
+from core.lifecycle import die_with_parent_now  # noqa: E402
 from core.statedb import get_engine  # noqa: E402
-from service import batching, guard, metrics  # noqa: E402
+from service import guard, metrics  # noqa: E402
 from service.explain import occlusion  # noqa: E402
 from service.model_holder import ModelHolder  # noqa: E402
 from service.settings import ServiceSettings  # noqa: E402
@@ -192,7 +195,8 @@ class Classifier:
         if self.settings.log_predictions:
             started = time.perf_counter()
             try:
-                predlog.write_batch(self.engine, serving.tag, rows, store_text=self.settings.store_text)
+                predlog.write_batch(self.engine, serving.tag, rows, store_text=self.settings.store_text,
+                                    runtime=serving.predictor.runtime)
             except Exception as err:  # noqa: BLE001 - never answer a prediction we could not log
                 metrics.LOG_WRITE_FAILURES.inc()
                 log.error("prediction log write failed: %s", type(err).__name__)
@@ -270,16 +274,19 @@ def install(service=Classifier, settings: ServiceSettings = SETTINGS) -> None:
     this module (before it builds the app and its dispatchers). `configure_environment()` (BentoML's
     home, no telemetry) already ran at the top, before the imports that read it; it is idempotent:
 
-    - installs the demand-aware batch release rule over BentoML's dispatcher (service/batching.py);
     - adds the auth/error middleware (service/guard.py): who may call what, with tokens resolved once
       per process and generated into the home when neither the environment nor the home has them,
       so a bare `driftloop serve` is never open;
     - drops request content from BentoML's tracebacks (guard.install_log_redaction);
+    - makes this worker die with BentoML's arbiter, its parent (core/lifecycle.py): an orphaned
+      worker would go on serving the port, unmanaged, after a kill -9 of the server;
     - declares every endpoint's media type: BentoML 1.4 otherwise works out each response's mime
       type by generating the output model's JSON schema on every response (`IOMixin.mime_type` when
       `media_type` is unset): py-spy put it at ~9 % of the event loop's time at 32 concurrent clients.
     """
-    batching.install(settings.batch_linger_ms)
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if main_spec is not None and main_spec.name == "_bentoml_impl.worker.service":  # a worker, not a test importing us
+        die_with_parent_now(signal.SIGTERM)
     rules: dict[str, tokens.Kind] = {"/feedback": "feedback", "/admin/": "admin"}
     if settings.require_predict_token:
         rules.update({"/predict": "predict", "/explain": "predict"})

@@ -1,6 +1,5 @@
 """The real `driftloop` CLI in subprocesses, each with its own DRIFTLOOP_HOME."""
 
-import json
 
 import pandas as pd
 import pytest

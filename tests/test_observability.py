@@ -92,6 +92,8 @@ def test_compose_mounts_the_files_the_tests_check():
     for service in compose["services"].values():
         if "image" in service:
             assert re.search(r":v?\d+\.\d+\.\d+$", service["image"]), f"unpinned image {service['image']}"
+        for port in service.get("ports", []):  # published on loopback only: nothing here authenticates by itself
+            assert str(port).startswith("127.0.0.1:"), f"{port} is published on every interface"
 
 
 class Controller:

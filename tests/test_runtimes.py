@@ -35,6 +35,23 @@ def tag(tiny_model_dir):
     return _register(tiny_model_dir)
 
 
+def test_the_service_and_the_loop_default_to_the_same_runtime(monkeypatch):
+    """The service's defaults are literals (its settings must not import torch); the loop reads core.runtimes'."""
+    from service.settings import ServiceSettings
+
+    for name in (runtimes.RUNTIME_ENV, runtimes.TOLERANCE_ENV):
+        monkeypatch.delenv(name, raising=False)
+    settings, choice = ServiceSettings(), runtimes.serving_choice()
+    assert (settings.runtime, settings.int8_tolerance_pt) == (choice.runtime, choice.int8_tolerance_pt) == ("onnx", 0.5)
+    monkeypatch.setenv(runtimes.RUNTIME_ENV, "onnx-int8")
+    monkeypatch.setenv(runtimes.TOLERANCE_ENV, "0.25")
+    assert ServiceSettings.from_env().runtime == runtimes.serving_choice().runtime == "onnx-int8"
+    assert runtimes.serving_choice().int8_tolerance_pt == 0.25
+    monkeypatch.setenv(runtimes.RUNTIME_ENV, "tensorrt")
+    with pytest.raises(DriftloopError, match="unknown runtime 'tensorrt'"):
+        runtimes.serving_choice()
+
+
 def test_onnx_serves_what_torch_serves(tag):
     torch_pred = load_predictor(tag, device="cpu", precision="fp32")
     onnx_pred = runtimes.load_runtime_predictor(tag, "onnx", device="cpu")
@@ -61,6 +78,67 @@ def test_int8_serves_only_within_its_tolerance(tag):
     # tolerance 0 decides on the measured loss itself
     zero = runtimes.load_runtime_predictor(tag, "onnx-int8", device="cpu", int8_tolerance_pt=0)
     assert zero.runtime == ("onnx-int8" if check["accuracy_int8"] >= check["accuracy_fp32"] else "onnx")
+
+
+def _log_served(engine, tag: str, predictor, texts: list[str]) -> None:
+    """Log `texts` as the service does: computed by `predictor`, tagged with its runtime."""
+    from core import predlog
+
+    names = predictor.label_names
+    out = predictor.predict(texts, batch_size=32)
+    rows = [predlog.LoggedPrediction(f"{predictor.runtime}-{i}", t, names[int(out.labels[i])], float(out.probs[i].max()),
+                                     {n: float(out.probs[i, j]) for j, n in enumerate(names)}, out.descriptors[i],
+                                     out.truncated[i], out.embeddings[i]) for i, t in enumerate(texts)]
+    predlog.write_batch(engine, tag, rows, runtime=predictor.runtime)
+
+
+def test_int8_traffic_is_tested_against_a_reference_profiled_with_int8(tag, db_url):
+    """Stable traffic served by int8 (the reference's own texts, in the same batches): the monitor tests
+    it against the reference the int8 graph computes, which matches it exactly (p = 1, no verdict);
+    the PyTorch-profiled reference does not match it (int8's probabilities differ), which is the
+    runtime change a reference from another runtime would report as drift. bench/runtime_drift.py
+    measures that on a real model over 1,000 stable requests."""
+    from core import predlog, profile
+    from core.statedb import get_engine
+    from monitoring import window
+    from monitoring.analysis import Reference, run_pass
+    from monitoring.config import MonitorConfig
+    from monitoring.passes import monitor_once
+
+    model = registry.get(tag)
+    int8 = runtimes.load_runtime_predictor(tag, "onnx-int8", device="cpu", int8_tolerance_pt=100)
+    assert int8.runtime == "onnx-int8"
+    texts = profile.load(model.path)[0]["text"].tolist()
+    engine = get_engine(db_url)
+    predlog.ensure_schema(engine)
+    _log_served(engine, tag, int8, texts)
+    config = MonitorConfig(report=False, min_samples=10)
+
+    stored = monitor_once(engine, config, model_version=tag)
+    assert stored.result.reference["runtime"] == "onnx-int8" and stored.result.status == "ok"
+    assert stored.result.drift is False
+    p_int8 = {t.name: t.p_value for t in stored.result.tests}
+    assert p_int8["confidence"] > 0.999 and p_int8["prob_positive"] > 0.999, p_int8
+    # kept with its checksums, made from the int8 file that serves
+    manifest = runtimes.read_manifest(model)
+    assert manifest["references"]["onnx-int8"]["source_sha256"] == manifest["files"]["onnx-int8"]["sha256"]
+    # the PyTorch reference of the same texts is not what int8 serves
+    win = window.load(engine, tag, model.lineage["label_names"], last=1000)
+    assert win.runtime == "onnx-int8"
+    torch_ref = Reference.load(tag, "torch")
+    assert np.abs(torch_ref.frame["confidence"].to_numpy() - Reference.load(tag, "onnx-int8").frame["confidence"].to_numpy()).max() > 1e-4
+    p_torch = {t.name: t.p_value for t in run_pass(torch_ref, win, config).tests}
+    assert p_torch["confidence"] < 0.999, p_torch
+
+
+def test_a_changed_runtime_reference_is_refused(tag, db_url):
+    from monitoring.analysis import Reference
+
+    Reference.load(tag, "onnx")
+    parquet = registry.get(tag).path / "runtimes" / runtimes.REFERENCE_FILES["onnx"][0]
+    parquet.write_bytes(parquet.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(DriftloopError, match="reference profile does not match"):
+        Reference.load(tag, "onnx")
 
 
 def _ensure(tag: str, queue) -> None:

@@ -88,6 +88,74 @@ def test_prediction_log_batches_feedback_and_windows(state_db_url):
     assert win.size == 5 and win.first_id < win.last_id and _aware_utc(win.start)
     assert window.load(engine, "m:1", ["negative", "positive"], since=(before - dt.timedelta(minutes=1)).astimezone(PLUS2)).size == 5
     assert window.load(engine, "m:1", ["negative", "positive"], since=(dt.datetime.now(UTC) + dt.timedelta(minutes=1)).astimezone(PLUS2)).size == 0
+    # each row says which runtime computed it; a window is tested against its majority runtime's reference
+    assert win.runtime == "torch" and set(win.frame["runtime"]) == {"torch"}
+    predlog.write_batch(engine, "m:1", _predictions(6, start=200), runtime="onnx-int8")
+    assert window.load(engine, "m:1", ["negative", "positive"], last=11).runtime == "onnx-int8"
+    assert window.load(engine, "m:1", ["negative", "positive"], last=11, up_to_id=win.last_id).runtime == "torch"
+
+
+def test_a_log_written_before_runtimes_gains_the_column_and_reads_as_torch(state_db_url):
+    """A prediction log made by an older driftloop (no `runtime` column) is upgraded in place by the
+    first process that opens it; its old rows read as torch, what computed them."""
+    from sqlalchemy import Column, MetaData, Table, insert
+
+    from core import predlog
+    from core.descriptors import DESCRIPTOR_COLUMNS
+    from monitoring import window
+
+    engine = _engine(state_db_url)
+    old = MetaData()
+    table = Table("predictions", old, *(Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
+                                        for c in predlog.predictions.columns if c.name != "runtime"))
+    old.create_all(engine)
+    assert "runtime" not in table.c
+    with engine.begin() as conn:
+        conn.execute(insert(table), [{"request_id": "old-1", "created_at": dt.datetime.now(UTC), "model_version": "m:1", "text": "t",
+                                      "text_sha256": "0" * 64, "label": "positive", "confidence": 0.9,
+                                      "probs": '{"negative": 0.1, "positive": 0.9}', **dict.fromkeys(DESCRIPTOR_COLUMNS, 1.0),
+                                      "truncated": False, "embedding": np.zeros(8, dtype=np.float32).tobytes()}])
+    predlog.ensure_schema(engine)
+    predlog.ensure_schema(engine)  # idempotent
+    predlog.write_batch(engine, "m:1", _predictions(1, start=300), runtime="onnx")
+    win = window.load(engine, "m:1", ["negative", "positive"], last=10)
+    assert win.frame["runtime"].tolist() == [None, "onnx"] and win.size == 2
+
+
+def test_sqlite_commit_policy_is_a_setting(tmp_path, monkeypatch):
+    """`normal` by default (a commit survives kill -9 of the writer: WAL), `full` (an fsync per commit:
+    survives power loss) when asked; anything else is refused with one line."""
+    import subprocess
+    import sys
+
+    from core.errors import DriftloopError
+    from core.statedb import dispose_engine, get_engine
+
+    def pragma(url: str) -> int:
+        with get_engine(url).connect() as conn:
+            return conn.exec_driver_sql("PRAGMA synchronous").scalar_one()
+
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    monkeypatch.delenv("DRIFTLOOP_DB_SYNCHRONOUS", raising=False)
+    assert pragma(url) == 1  # NORMAL
+    dispose_engine(url)
+    monkeypatch.setenv("DRIFTLOOP_DB_SYNCHRONOUS", "FULL")
+    assert pragma(url) == 2
+    dispose_engine(url)
+    monkeypatch.setenv("DRIFTLOOP_DB_SYNCHRONOUS", "sometimes")
+    with pytest.raises(DriftloopError, match="DRIFTLOOP_DB_SYNCHRONOUS"):
+        get_engine(url)
+    # with `normal`, rows committed by a process killed right after its commit are all there
+    monkeypatch.delenv("DRIFTLOOP_DB_SYNCHRONOUS")
+    code = ("import os, signal; from core import predlog; from core.statedb import get_engine; "
+            f"from tests.test_storage_backends import _predictions; e = get_engine({url!r}); predlog.ensure_schema(e); "
+            "[predlog.write_batch(e, 'm:k', _predictions(10, start=1000 + 10 * i)) for i in range(20)]; "
+            "os.kill(os.getpid(), signal.SIGKILL)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    from core import predlog
+
+    assert predlog.count(get_engine(url), "m:k") == 200
 
 
 # -- production alias -----------------------------------------------------------------------------

@@ -1,9 +1,15 @@
 """Writes the Grafana dashboards (deploy/grafana/dashboards/*.json) from one readable list of panels.
 
-    python deploy/grafana/make_dashboards.py
+    python deploy/grafana/make_dashboards.py      # needs the `dev` extra (grafana-foundation-sdk)
 
-tests/test_observability.py runs every PromQL expression below against a real Prometheus that
-scraped a real service and controller, so a renamed metric breaks a test, not a dashboard.
+The panels are plain data below; `dashboard()` turns them into JSON with grafana-foundation-sdk, the
+schema-typed builders Grafana generates from its own dashboard schema (pinned to the Grafana 11.2 build,
+the version deploy/docker-compose.yml runs), instead of hand-written JSON whose field names and defaults
+nothing checked. The output is deterministic (sorted keys, no generated ids or timestamps), and
+tests/test_observability.py regenerates it and fails if the committed JSON differs.
+
+That test file also runs every PromQL expression below against a real Prometheus that scraped a real
+service and controller, so a renamed metric breaks a test, not a dashboard.
 """
 
 from __future__ import annotations
@@ -11,9 +17,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from grafana_foundation_sdk.builders import dashboard as gdash
+from grafana_foundation_sdk.builders import prometheus, timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models.dashboard import DataSourceRef, VariableOption
+
 HERE = Path(__file__).resolve().parent
-DATASOURCE = {"type": "prometheus", "uid": "driftloop-prometheus"}
-REPORT_LINK = [{"title": "Latest monitor report (Evidently)", "url": "${controller_url}/reports/latest", "targetBlank": True}]
+DATASOURCE = DataSourceRef(type_val="prometheus", uid="driftloop-prometheus")
+# textbox variables (name, label, default) and the links that use them
+VARIABLES = [("controller_url", "Controller URL", "http://localhost:3100"),
+             ("evidently_url", "Evidently UI URL", "http://localhost:8000")]
+DASHBOARD_LINKS = [("Latest monitor report", "${controller_url}/reports/latest"),
+                   ("Evidently UI (drift tests over the monitor passes)", "${evidently_url}")]
+REPORT_LINK = ("Latest monitor report (Evidently)", "${controller_url}/reports/latest")  # on panels reading driftloop_monitor_*
 
 SERVING = ("driftloop-serving", "driftloop — serving", [
     ("Requests per second by endpoint and status", "req/s", [
@@ -66,32 +82,26 @@ QUALITY = ("driftloop-model", "driftloop — model, drift and loop", [
 
 
 def dashboard(uid: str, title: str, panels: list) -> dict:
-    out = []
+    """The dashboard's JSON model: timeseries panels, two per row (w 12, h 8; the builder places them)."""
+    board = (gdash.Dashboard(title).uid(uid).tags(["driftloop"]).timezone("utc").refresh("30s")
+             .time("now-6h", "now").version(1)
+             .variables([gdash.TextBoxVariable(name).label(label).default_value(default)
+                         .current(VariableOption(text=default, value=default)) for name, label, default in VARIABLES])
+             .links([gdash.DashboardLink(text).url(url).target_blank(True) for text, url in DASHBOARD_LINKS]))
     for i, (panel_title, unit, targets) in enumerate(panels):
-        panel = {
-            "id": i + 1, "type": "timeseries", "title": panel_title, "datasource": DATASOURCE,
-            "gridPos": {"h": 8, "w": 12, "x": (i % 2) * 12, "y": (i // 2) * 8},
-            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-            "targets": [{"refId": chr(65 + j), "datasource": DATASOURCE, "expr": expr, "legendFormat": legend}
-                        for j, (expr, legend) in enumerate(targets)],
-        }
+        panel = (timeseries.Panel().id(i + 1).title(panel_title).datasource(DATASOURCE).unit(unit).height(8).span(12)
+                 .targets([prometheus.Dataquery().ref_id(chr(65 + j)).datasource(DATASOURCE).expr(expr).legend_format(legend)
+                           for j, (expr, legend) in enumerate(targets)]))
         if "monitor" in " ".join(t[0] for t in targets):
-            panel["links"] = REPORT_LINK
-        out.append(panel)
-    return {
-        "uid": uid, "title": title, "tags": ["driftloop"], "timezone": "utc", "schemaVersion": 39, "version": 1,
-        "refresh": "30s", "time": {"from": "now-6h", "to": "now"},
-        "templating": {"list": [{"name": "controller_url", "label": "Controller URL", "type": "textbox",
-                                 "query": "http://localhost:3100", "current": {"value": "http://localhost:3100"}}]},
-        "links": [{"title": "Latest monitor report", "url": "${controller_url}/reports/latest", "type": "link", "targetBlank": True}],
-        "panels": out,
-    }
+            panel.links([gdash.DashboardLink(REPORT_LINK[0]).url(REPORT_LINK[1]).target_blank(True)])
+        board.with_panel(panel)
+    return json.loads(json.dumps(board.build(), cls=JSONEncoder))
 
 
 def main() -> None:
     for uid, title, panels in (SERVING, QUALITY):
         path = HERE / "dashboards" / f"{uid}.json"
-        path.write_text(json.dumps(dashboard(uid, title, panels), indent=2) + "\n", encoding="utf-8")
+        path.write_text(json.dumps(dashboard(uid, title, panels), sort_keys=True, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {path}")
 
 
