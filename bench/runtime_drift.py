@@ -13,7 +13,7 @@ by that runtime) against:
 A verdict on stable traffic is a false alarm (each pass has family-wise alpha = 0.01). The issue's
 target: no drift verdict over 1,000 stable requests served by onnx-int8.
 
-    python bench/runtime_drift.py                 # ~8 min on 2 CPU cores
+    python bench/runtime_drift.py                 # ~4 min on 2 CPU cores
 """
 
 from __future__ import annotations

@@ -37,6 +37,9 @@ class Predictions:
 class Predictor:
     """A classifier ready to predict: model, tokenizer, label names, temperature, device."""
 
+    runtime: str = "torch"  # what computes the forward pass (core/runtimes.py sets its own)
+    runtime_note: str | None = None  # why it is not the runtime asked for, if it is not
+
     def __init__(self, model, tokenizer, label_names: list[str], *, temperature: float = 1.0,
                  max_length: int = 128, device: torch.device | None = None, precision: str = "auto"):
         self.device = device or next(model.parameters()).device

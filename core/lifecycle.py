@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import os
 import signal
 import socket
@@ -28,7 +29,9 @@ from core.errors import DriftloopError
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
+@functools.cache
 def _prctl():
+    """libc's prctl, resolved once (find_library runs ldconfig); None off Linux."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -66,9 +69,9 @@ def die_with_parent_now(sig: int = signal.SIGTERM) -> bool:
     prctl = _prctl()
     if prctl is None:
         return False
-    parent = os.getppid()
+    parent = os.getppid()  # may be 1 legitimately: a Bento container's entrypoint execs the arbiter as PID 1
     prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-    if parent == 1 or os.getppid() != parent:  # already orphaned
+    if os.getppid() != parent:  # the parent died before prctl took effect: the signal will never come
         os.kill(os.getpid(), sig)
     return True
 

@@ -62,7 +62,8 @@ predictions = Table(
     Column("embedding", LargeBinary),  # float32 bytes of the pooled embedding
     Column("feedback_label", String(255)),
     Column("feedback_at", UTCDateTime()),
-    Column("runtime", String(32)),  # what computed the row (core/runtimes.py); NULL in logs older than runtimes: torch
+    Column("runtime", String(32)),  # what computed the row (core/runtimes.py); NULL: logged before this column, read as torch
+                                    # (torch or onnx then, whose outputs match torch's within 1e-4)
     Index("ix_predictions_model_created", "model_version", "created_at"),
     Index("ix_predictions_created", "created_at"),
 )
@@ -78,10 +79,14 @@ def ensure_schema(engine: Engine) -> None:
     create_tables(metadata, engine)
     present = {c["name"] for c in inspect(engine).get_columns("predictions")}
     missing = [(name, kind) for name, kind in ADDED_COLUMNS if name not in present]
-    for name, kind in missing:
+    for name, kind in missing:  # names and types are the constants above
         try:
             with engine.begin() as conn:
-                conn.execute(sql_text(f"ALTER TABLE predictions ADD COLUMN {name} {kind}"))
+                if engine.dialect.name == "postgresql":  # ACCESS EXCLUSIVE: wait little behind long readers, then retry later
+                    conn.execute(sql_text("SET LOCAL lock_timeout = '5s'"))
+                    conn.execute(sql_text(f"ALTER TABLE predictions ADD COLUMN IF NOT EXISTS {name} {kind}"))
+                else:
+                    conn.execute(sql_text(f"ALTER TABLE predictions ADD COLUMN {name} {kind}"))
         except (OperationalError, ProgrammingError):  # another process added it first
             if name not in {c["name"] for c in inspect(engine).get_columns("predictions")}:
                 raise
@@ -207,6 +212,19 @@ def estimation_error(engine: Engine, model_version: str, limit: int = 5000) -> t
     with engine.connect() as conn:
         conf, acc, n = conn.execute(q).one()
     return (None if not n else float(conf) - float(acc)), int(n)
+
+
+def recent_runtime(engine: Engine, model_version: str, limit: int = 1000) -> str | None:
+    """The runtime that computed most of `model_version`'s newest `limit` predictions (NULL: torch),
+    None if it has none: what actually serves it, whatever process serves it."""
+    c = predictions.c
+    recent = select(c.runtime).where(c.model_version == model_version).order_by(c.id.desc()).limit(limit).subquery()
+    q = select(recent.c.runtime, func.count()).group_by(recent.c.runtime)
+    with engine.connect() as conn:
+        counts: dict[str, int] = {}
+        for runtime, n in conn.execute(q):
+            counts[runtime or "torch"] = counts.get(runtime or "torch", 0) + int(n)
+    return max(counts, key=counts.get) if counts else None
 
 
 def count_since(engine: Engine, model_version: str, after_id: int) -> int:

@@ -29,6 +29,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -80,10 +81,14 @@ class ServingChoice:
                                       int8_tolerance_pt=self.int8_tolerance_pt)
 
 
-def serving_choice(runtime: str | None = None, int8_tolerance_pt: float | None = None) -> ServingChoice:
-    """The given runtime and tolerance, else the service's (DRIFTLOOP_SERVICE_RUNTIME and
-    DRIFTLOOP_SERVICE_INT8_TOLERANCE_PT, as `driftloop serve` sets them), else the defaults."""
-    runtime = runtime or os.environ.get(RUNTIME_ENV) or DEFAULT_RUNTIME
+def serving_choice(runtime: str | None = None, int8_tolerance_pt: float | None = None, *,
+                   observed: str | None = None) -> ServingChoice:
+    """The runtime and tolerance to score a model on: the given ones; else this process's
+    DRIFTLOOP_SERVICE_RUNTIME / DRIFTLOOP_SERVICE_INT8_TOLERANCE_PT (what `driftloop up` passes to
+    the service and the controller alike); else `observed`, the runtime the prediction log says
+    served the model (predlog.recent_runtime: right when the service runs elsewhere with its own
+    settings); else the defaults."""
+    runtime = runtime or os.environ.get(RUNTIME_ENV) or observed or DEFAULT_RUNTIME
     if runtime not in RUNTIMES:
         raise DriftloopError(f"unknown runtime {runtime!r}; one of {', '.join(RUNTIMES)}")
     if int8_tolerance_pt is None:
@@ -301,9 +306,7 @@ def load_runtime_predictor(tag: str, runtime: Runtime = "torch", *, device: str 
     if runtime not in RUNTIMES:
         raise DriftloopError(f"unknown runtime {runtime!r}; one of {', '.join(RUNTIMES)}")
     if runtime == "torch":
-        predictor = load_predictor(tag, device=device, precision=precision)
-        predictor.runtime, predictor.runtime_note = "torch", None
-        return predictor
+        return load_predictor(tag, device=device, precision=precision)
     model = registry.get(tag)
     try:
         manifest = ensure_files(model, runtime)
@@ -340,6 +343,10 @@ def load_runtime_predictor(tag: str, runtime: Runtime = "torch", *, device: str 
     return int8
 
 
+# int8's dynamic quantisation scales activations per batch tensor, so its outputs depend a little on
+# what shares the batch: the reference is computed in forward passes of the size the service uses on
+# CPU (service/settings.py forward_batch_for: 8), sorted by length as it sorts them.
+REFERENCE_FORWARD_BATCH = 8
 REFERENCE_FILES = {"onnx": ("reference-onnx.parquet", "reference-onnx.npy"),
                    "onnx-int8": ("reference-onnx-int8.parquet", "reference-onnx-int8.npy")}
 
@@ -377,9 +384,12 @@ def reference_profile(model: registry.RegisteredModel, runtime: str) -> tuple[pd
         entry = (manifest.get("references") or {}).get(runtime)
         fresh = (entry is not None and entry["source_sha256"] == manifest["files"][runtime]["sha256"]
                  and parquet.is_file() and npy.is_file())
-        if fresh and (sha256_of(parquet), sha256_of(npy)) != (entry["parquet_sha256"], entry["npy_sha256"]):
-            raise DriftloopError(f"{model.tag}: its {runtime} reference profile does not match its recorded sha256: refused")
-        if not fresh:
+        if fresh:  # read once, under the lock, and checked as read: no rebuild can slip between check and use
+            raw_parquet, raw_npy = parquet.read_bytes(), npy.read_bytes()
+            if (hashlib.sha256(raw_parquet).hexdigest(), hashlib.sha256(raw_npy).hexdigest()) != (entry["parquet_sha256"], entry["npy_sha256"]):
+                raise DriftloopError(f"{model.tag}: its {runtime} reference profile does not match its recorded sha256: refused "
+                                     f"(delete {parquet.name} and {npy.name} to have it made again)")
+        else:
             started = time.perf_counter()
             names = list(model.lineage["label_names"])
             predictor = RuntimePredictor(source, load_tokenizer(str(model.path)), names, runtime=runtime,
@@ -387,7 +397,8 @@ def reference_profile(model: registry.RegisteredModel, runtime: str) -> tuple[pd
                                          max_length=model.lineage.get("max_length", 128))
             texts = frame["text"].tolist()
             labels = [names.index(y) if isinstance(y, str) and y in names else None for y in frame["label"].tolist()]
-            own_frame, own_embeddings = profile.build(texts, labels, names, predictor.predict(texts, batch_size=32))
+            preds = predictor.predict(texts, batch_size=REFERENCE_FORWARD_BATCH)
+            own_frame, own_embeddings = profile.build(texts, labels, names, preds)
             tmp_parquet, tmp_npy = parquet.with_suffix(".tmp"), npy.with_name(npy.name + ".tmp.npy")
             own_frame.to_parquet(tmp_parquet, index=False)
             np.save(tmp_npy, own_embeddings)
@@ -399,6 +410,7 @@ def reference_profile(model: registry.RegisteredModel, runtime: str) -> tuple[pd
             manifest = {**manifest, "references": {**(manifest.get("references") or {}), runtime: entry}}
             _write_manifest(model, manifest)
             log.info("%s: reference profile on %s, %d rows in %.1fs", model.tag, runtime, len(own_frame), entry["seconds"])
-    own_frame, own_embeddings = pd.read_parquet(parquet), np.load(npy)
+            raw_parquet, raw_npy = parquet.read_bytes(), npy.read_bytes()
+    own_frame, own_embeddings = pd.read_parquet(io.BytesIO(raw_parquet)), np.load(io.BytesIO(raw_npy))
     acc, n = _runtime_accuracy(model, runtime, manifest)
     return own_frame, own_embeddings, {"runtime": runtime, "rows": len(own_frame), "accuracy": acc, "accuracy_n": n}

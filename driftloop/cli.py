@@ -14,6 +14,7 @@ inside its body what would add to every command's start: torch and transformers 
 from __future__ import annotations
 
 import random
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -85,6 +86,8 @@ def up(
     if serve:
         from driftloop import stack  # noqa: PLC0415 - see the module docstring
 
+        if not re.fullmatch(r"[1-9][0-9]*(ms|s|m|h)", scrape_interval):
+            raise DriftloopError(f"--scrape-interval must be a Prometheus duration such as 15s or 1m, got {scrape_interval!r}")
         for name, value in (("--port", port), ("--controller-port", controller_port), ("--prometheus-port", prometheus_port),
                             ("--ui-port", ui_port)):
             if not 0 < value < 65536:

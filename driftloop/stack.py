@@ -101,13 +101,18 @@ def run(home: Path, *, port: int, controller_port: int, prometheus_port: int, ui
         stop["now"] = True
 
     old = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def started(name: str, proc: Proc, url: str) -> None:
+        procs.append((name, proc))
+        try:
+            proc.wait_http(url)
+        except (RuntimeError, TimeoutError):
+            raise DriftloopError(f"{name} did not start; see {proc.log_path}") from None
+
     try:
-        service = Proc(["serve", "--port", str(port)], env, home / "service.log")
-        procs.append(("service", service))
-        service.wait_http(f"http://127.0.0.1:{port}/readyz")
-        controller = Proc(["controller", "--port", str(controller_port)], env, home / "controller.log")
-        procs.append(("controller", controller))
-        controller.wait_http(f"http://127.0.0.1:{controller_port}/healthz")
+        started("service", Proc(["serve", "--port", str(port)], env, home / "service.log"), f"http://127.0.0.1:{port}/readyz")
+        started("controller", Proc(["controller", "--port", str(controller_port)], env, home / "controller.log"),
+                f"http://127.0.0.1:{controller_port}/healthz")
         say(f"service:    http://127.0.0.1:{port}   (POST /predict, /explain; /feedback with the feedback token; GET /metrics)   "
             f"log {home / 'service.log'}")
         say(f"controller: http://127.0.0.1:{controller_port}   (/status, /metrics, /reports/latest)   log {home / 'controller.log'}")
@@ -117,9 +122,8 @@ def run(home: Path, *, port: int, controller_port: int, prometheus_port: int, ui
             prom = Proc([], env, home / "prometheus.log",
                         cmd=[prometheus_binary, f"--config.file={cfg_path}", f"--storage.tsdb.path={home / 'prometheus'}",
                              f"--web.listen-address=127.0.0.1:{prometheus_port}"])
-            procs.append(("prometheus", prom))
             url = f"http://127.0.0.1:{prometheus_port}"
-            prom.wait_http(f"{url}/-/ready")
+            started("prometheus", prom, f"{url}/-/ready")
             say(f"prometheus: {url}   (alerts of the shipped rules: {url}{alerts_path(url)}; graphs: {url}/graph)   "
                 f"log {home / 'prometheus.log'}")
         elif with_prometheus:
@@ -128,9 +132,8 @@ def run(home: Path, *, port: int, controller_port: int, prometheus_port: int, ui
             _, project = workspace_project()
             ui = Proc([], {**env, "DO_NOT_TRACK": "1"}, home / "evidently-ui.log",
                       cmd=[*evidently_command(), "--workspace", str(workspace_dir()), "--host", "127.0.0.1", "--port", str(ui_port)])
-            procs.append(("evidently ui", ui))
             url = f"http://127.0.0.1:{ui_port}"
-            ui.wait_http(f"{url}/api/version")
+            started("evidently ui", ui, f"{url}/api/version")
             say(f"evidently:  {url}/projects/{project.id}   (drift tests over the monitor passes; each pass's report under "
                 f"Reports)   log {home / 'evidently-ui.log'}")
         say("Ctrl-C stops everything.")

@@ -46,12 +46,15 @@ class ShadowScorer:
     def __init__(self, device: str = "cpu", choice: runtimes.ServingChoice | None = None):
         self.device = device
         self.choice = choice
-        self._tag: str | None = None
+        self._tag: tuple[str, runtimes.ServingChoice] | None = None
         self._predictor = None
 
-    def correct(self, tag: str, texts: list[str], labels: list[str]) -> list[bool]:
-        if self._tag != tag:
-            self._predictor, self._tag = (self.choice or runtimes.serving_choice()).load(tag, device=self.device), tag
+    def correct(self, tag: str, texts: list[str], labels: list[str], served_on: str | None = None) -> list[bool]:
+        """Which of `texts` the model `tag` labels right, scored on the runtime it served on
+        (`served_on`, from the prediction log, unless this scorer or the environment says otherwise)."""
+        choice = self.choice or runtimes.serving_choice(observed=served_on)
+        if self._tag != (tag, choice):
+            self._predictor, self._tag = choice.load(tag, device=self.device), (tag, choice)
         out = self._predictor.predict(texts)
         names = self._predictor.label_names
         return [names[i] == y for i, y in zip(out.labels, labels)]
@@ -76,7 +79,7 @@ def bake_check(engine: Engine, verdict: Verdict, policy: PolicyConfig, *, scorer
     scorer = scorer or ShadowScorer()
     texts, truth = [t for t, _, _ in items], [f for _, _, f in items]
     try:
-        old = scorer.correct(previous, texts, truth)
+        old = scorer.correct(previous, texts, truth, served_on=predlog.recent_runtime(engine, previous))
     except DriftloopError as err:  # the previous model is gone from the store: nothing to compare or return to
         log.warning("bake of %s: previous champion %s cannot score (%s); bake passed by default", version, previous, err)
         audit.record(engine, "bake_passed", version, previous=previous, skipped=str(err))

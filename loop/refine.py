@@ -214,7 +214,8 @@ def run(engine: Engine, config: RefineConfig, *, trigger: str = "manual", since_
 
     # gate items and the regression suite: the challenger's PyTorch accuracy on them is its reference
     # accuracy (lineage); the gate scores both models on the same items with the runtime that serves
-    choice = runtimes.serving_choice(config.serving_runtime, config.int8_tolerance_pt)
+    choice = runtimes.serving_choice(config.serving_runtime, config.int8_tolerance_pt,
+                                     observed=predlog.recent_runtime(engine, champion.tag))
     chall_pred = Predictor(fitted.model, fitted.tokenizer, label_names, max_length=cfg.model.max_length)
     items = {"fresh": ([t for _, t, _ in gate_rows], [y for _, _, y in gate_rows]),
              "suite": ([t for t, _ in suite], [y for _, y in suite])}

@@ -52,8 +52,9 @@ class RefineConfig(BaseModel):
     promote: bool = Field(True, description="Promote when the gate passes (False: register and gate only).")
     # core.runtimes.Runtime, spelled out here: importing core.runtimes loads torch and ONNX Runtime
     serving_runtime: Literal["torch", "onnx", "onnx-int8"] | None = Field(None, description=(
-        "The runtime the gate scores both models on: the one that will serve them (core/runtimes.py). None: the "
-        "service's, DRIFTLOOP_SERVICE_RUNTIME, else onnx; an int8 variant that fails its accuracy check is scored as fp32, as it serves."))
+        "The runtime the gate scores both models on: the one that will serve them (core/runtimes.py). None: "
+        "DRIFTLOOP_SERVICE_RUNTIME if this process has it, else the runtime the prediction log says served the champion, "
+        "else onnx; an int8 variant that fails its accuracy check is scored as fp32, as it serves."))
     int8_tolerance_pt: float | None = Field(None, ge=0, le=100, description=(
         "With serving_runtime onnx-int8: the int8 accuracy check's tolerance. None: DRIFTLOOP_SERVICE_INT8_TOLERANCE_PT, else 0.5."))
     gate: GateConfig = GateConfig()

@@ -202,7 +202,7 @@ def run_pass(reference: Reference, window: Window, config: MonitorConfig) -> Pas
         window_first_id=window.first_id, window_last_id=window.last_id, window_start=window.start, window_end=window.end,
         alpha=config.alpha,
         reference={"n": len(reference.frame), "accuracy": reference.accuracy, "accuracy_n": reference.accuracy_n,
-                   "runtime": reference.runtime},
+                   "runtime": reference.runtime, "other_runtime_rows_left_out": window.other_runtime_rows},
     )
     if window.size == 0:
         result.duration_s = time.perf_counter() - started

@@ -6,6 +6,7 @@ This is what `driftloop monitor --once` runs and what the controller schedules.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,17 +82,25 @@ def workspace_project() -> tuple[Workspace, object]:
     project, made on first use with a dashboard: without panels Evidently's project page is empty,
     and an operator opening it should see the drift tests over the passes at once, each pass's
     report one click away (its Reports tab)."""
-    ws = Workspace.create(str(workspace_dir()))
-    projects = ws.search_project(WORKSPACE_PROJECT)
-    if projects:
-        return ws, projects[0]
-    project = ws.create_project(WORKSPACE_PROJECT, description="driftloop monitor passes: one report per pass")
+    directory = workspace_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".driftloop.lock", "w") as lock:  # `up` and the controller may both be first
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ws = Workspace.create(str(directory))
+        projects = ws.search_project(WORKSPACE_PROJECT)
+        project = projects[0] if projects else ws.create_project(WORKSPACE_PROJECT,
+                                                                 description="driftloop monitor passes: one report per pass")
+        if not project.dashboard.model().panels:  # new, or made before driftloop added its dashboard
+            _add_dashboard(project)
+    return ws, project
+
+
+def _add_dashboard(project) -> None:
     project.dashboard.add_panel(line_plot_panel(
         title="Drift tests: p-value per monitor pass",
         description="Lower is further from the reference profile; the pass reports drift when Holm-Bonferroni "
                     "rejects at the monitor's alpha (every test is in each pass's report)",
         values=[PanelMetric(legend=column, metric="ValueDrift", metric_labels={"column": column}) for column in DRIFT_PANEL_COLUMNS]))
-    return ws, project
 
 
 def _add_to_workspace(result: PassResult) -> None:

@@ -28,14 +28,14 @@ class Window:
     frame: pd.DataFrame  # id, created_at, prediction, confidence, prob_<label>..., descriptors, truncated, label (feedback or NaN), runtime
     embeddings: np.ndarray  # (n, d) float32; rows logged without an embedding are left out of the embedding test
 
+    other_runtime_rows: int = 0  # rows of the span left out: computed by another runtime than the window's
+
     @property
     def runtime(self) -> str:
-        """The runtime that computed most of the window's rows (rows logged before runtimes were
-        recorded: torch). A runtime change inside a window is rare (a restart with another
-        runtime); the window is then tested against the reference of its majority."""
+        """The runtime that computed the window's rows (rows logged before runtimes were recorded: torch)."""
         if not self.size:
             return "torch"
-        return str(self.frame["runtime"].fillna("torch").value_counts().idxmax())
+        return str(self.frame["runtime"].iloc[0])
 
     @property
     def size(self) -> int:
@@ -62,6 +62,15 @@ def load(engine: Engine, model_version: str, label_names: list[str], *, last: in
          since: dt.datetime | None = None, until: dt.datetime | None = None, up_to_id: int | None = None) -> Window:
     """The last `last` predictions of `model_version` (optionally within [since, until) and id ≤ up_to_id)."""
     rows = predlog.window_rows(engine, model_version, last=last, since=since, until=until, up_to_id=up_to_id)
+    # One runtime per window: its rows are tested against that runtime's reference profile. A span
+    # that crosses a runtime change (a restart with another runtime) keeps the runtime of most of
+    # its rows and leaves the others out (counted), rather than test them against a profile that
+    # another graph computed.
+    served = [r.runtime or "torch" for r in rows]
+    newest = {runtime: i for i, runtime in enumerate(served)}  # a tie goes to the runtime that served last
+    majority = max(newest, key=lambda runtime: (served.count(runtime), newest[runtime])) if served else "torch"
+    kept = [r for r, s in zip(rows, served) if s == majority]
+    other, rows = len(rows) - len(kept), kept
     frame = pd.DataFrame({
         "id": [r.id for r in rows],
         "created_at": pd.to_datetime([r.created_at for r in rows], utc=True),
@@ -69,7 +78,7 @@ def load(engine: Engine, model_version: str, label_names: list[str], *, last: in
         "confidence": np.array([r.confidence for r in rows], dtype=float),
         "truncated": [bool(r.truncated) for r in rows],
         "label": [r.feedback_label for r in rows],
-        "runtime": [r.runtime for r in rows],
+        "runtime": [r.runtime or "torch" for r in rows],
     })
     probs = [json.loads(r.probs) for r in rows]
     for name in label_names:
@@ -78,4 +87,4 @@ def load(engine: Engine, model_version: str, label_names: list[str], *, last: in
         frame[name] = np.array([getattr(r, name) for r in rows], dtype=float)
     vectors = [np.frombuffer(r.embedding, dtype=np.float32) for r in rows if r.embedding]
     embeddings = np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
-    return Window(model_version, frame, embeddings)
+    return Window(model_version, frame, embeddings, other_runtime_rows=other)

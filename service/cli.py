@@ -74,8 +74,9 @@ def is_loopback(host: str) -> bool:
 def supervise(args: list[str]) -> int:
     """Run BentoML's server as a child that dies with this process (kill -9 included: the kernel sends
     it SIGTERM, and BentoML stops its workers, which also die with their arbiter: service.service),
-    pass Ctrl-C and SIGTERM on to it, and return its exit status."""
-    child = subprocess.Popen(args, preexec_fn=die_with_parent(signal.SIGTERM))  # noqa: PLW1509 - see core.lifecycle
+    pass Ctrl-C and SIGTERM on to it, and return its exit status (128+N when signal N killed it)."""
+    # its own process group: a Ctrl-C or a group SIGTERM reaches it once, forwarded from here
+    child = subprocess.Popen(args, preexec_fn=die_with_parent(signal.SIGTERM), process_group=0)  # noqa: PLW1509 - see core.lifecycle
 
     def forward(sig, _frame) -> None:
         if child.poll() is None:
@@ -83,11 +84,8 @@ def supervise(args: list[str]) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, forward)
-    while True:
-        try:
-            return child.wait()
-        except InterruptedError:  # pragma: no cover - PEP 475 retries wait() itself
-            continue
+    code = child.wait()
+    return 128 - code if code < 0 else code  # killed by signal N: exit 128+N, as a shell reports it
 
 
 def private_bentoml_home(port: int) -> Path:

@@ -504,10 +504,13 @@ def test_kill_9_of_the_controller_mid_refinement_kills_the_job_registers_nothing
     status = cli_json(["status"], home)
     assert status["refine_running"] is False and status["champion"] == champion
 
-    # the next trigger works: a manual refinement runs to its end (promoted or not, by the gate's verdict)
-    out = cli_json(["retrain"], home, timeout=600)
+    # the next trigger works: a manual refinement runs to its end (promoted or not, by the gate's verdict),
+    # its gate scoring both models on PyTorch as asked (the default runtime is covered by the other refinements)
+    out = cli_json(["retrain", "--set", "serving_runtime=torch"], home, timeout=600)
     assert out["kind"] == "retrain_succeeded", out
     assert set(_store_versions(home)) - set(tags_before) == {out["model_version"]}
+    gate = _events(home, "gate", after=start_id)[-1]
+    assert gate["scored_with"] == {"champion": {"runtime": "torch", "note": None}, "challenger": {"runtime": "torch", "note": None}}, gate
 
 
 # --------------------------------------------------------------------------- the service killed under load

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import cli_json, run_cli
 
 
-def _log_labelled(engine, version: str, served_and_truth: list[tuple[str, str]]) -> None:
+def _log_labelled(engine, version: str, served_and_truth: list[tuple[str, str]], runtime: str = "torch") -> None:
     """Predictions of `version` with their feedback, straight into the prediction log (texts t0, t1, ...)."""
     import uuid
 
@@ -23,7 +23,7 @@ def _log_labelled(engine, version: str, served_and_truth: list[tuple[str, str]])
     rows = [predlog.LoggedPrediction(uuid.uuid4().hex, f"t{i}", served, 0.9, {"pos": 0.9, "neg": 0.1},
                                      {k: 1.0 for k in DESCRIPTOR_COLUMNS}, False, np.zeros(4, np.float32))
             for i, (served, _) in enumerate(served_and_truth)]
-    predlog.write_batch(engine, version, rows)
+    predlog.write_batch(engine, version, rows, runtime=runtime)
     predlog.record_feedback(engine, [(r.request_id, y) for r, (_, y) in zip(rows, served_and_truth)], lambda v: ["pos", "neg"])
 
 
@@ -33,8 +33,9 @@ class _Shadow:
     def __init__(self, old_correct: list[bool]):
         self.old_correct, self.asked = old_correct, []
 
-    def correct(self, tag, texts, labels):
+    def correct(self, tag, texts, labels, served_on=None):
         self.asked.append((tag, list(texts)))
+        self.served_on = served_on  # the runtime the log says the previous champion served on
         return [self.old_correct[int(t[1:])] for t in texts]
 
     def release(self):
@@ -54,12 +55,14 @@ def test_bake_pairs_the_previous_champion_on_the_same_items_and_rolls_back_only_
     assert bake.in_bake(engine, "m:1") is None  # a first model has nothing to bake against
     production.promote("m:2", reason="gate", actor="test", engine=engine, verify=False)
     assert bake.in_bake(engine, "m:2")["previous"] == "m:1"
+    _log_labelled(engine, "m:1", [("pos", "pos")] * 3, runtime="onnx-int8")  # m:1 served on int8 before the promotion
     # 100 labelled items served by m:2: right on 80; m:1 would have been right on 80 of them plus 15 more
     _log_labelled(engine, "m:2", [("pos", "pos")] * 80 + [("pos", "neg")] * 20)
     worse = _Shadow([True] * 80 + [True] * 15 + [False] * 5)
     assert bake.bake_check(engine, Verdict("m:2"), PolicyConfig(bake_labels=101), scorer=worse) is None  # too few yet
     assert bake.bake_check(engine, Verdict("m:2"), policy, scorer=worse) == "rollback"
     assert worse.asked == [("m:1", [f"t{i}" for i in range(100)])]  # the same items, scored by the previous champion
+    assert worse.served_on == "onnx-int8"  # on the runtime the log says it served on
     assert alias.current(engine=engine).tag == "m:1"
     rb = audit.last(engine, "rollback")
     assert rb["to"] == "m:1" and rb["paired"]["losses"] == 15 and rb["paired"]["gains"] == 0 and rb["p_value_worse"] < 0.05

@@ -75,11 +75,11 @@ def test_promtool_checks_config_rules_and_rule_unit_tests():
     assert alerts == tested, f"alerts without a unit test: {alerts - tested}"
 
 
-def test_dashboards_are_generated_from_their_source():
-    before = {p.name: p.read_text() for p in (DEPLOY / "grafana" / "dashboards").glob("*.json")}
-    subprocess.run([sys.executable, str(DEPLOY / "grafana" / "make_dashboards.py")], check=True, capture_output=True)
-    after = {p.name: p.read_text() for p in (DEPLOY / "grafana" / "dashboards").glob("*.json")}
-    assert before == after, "dashboards JSON differs from make_dashboards.py: regenerate and commit"
+def test_dashboards_are_generated_from_their_source(tmp_path):
+    committed = {p.name: p.read_text() for p in (DEPLOY / "grafana" / "dashboards").glob("*.json")}
+    subprocess.run([sys.executable, str(DEPLOY / "grafana" / "make_dashboards.py"), str(tmp_path)], check=True, capture_output=True)
+    generated = {p.name: p.read_text() for p in tmp_path.glob("*.json")}
+    assert committed and committed == generated, "dashboards JSON differs from make_dashboards.py: regenerate and commit"
 
 
 def test_compose_mounts_the_files_the_tests_check():

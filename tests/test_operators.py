@@ -111,6 +111,7 @@ def _alive(pids: set[int]) -> set[int]:
     return alive
 
 
+@pytest.mark.slow  # the whole stack, three browser renders and an alert to wait for: about 1.5 minutes
 def test_up_gives_operators_real_pages_and_everything_dies_with_it(tmp_path, tiny_model_dir):
     _binary("prometheus")
     _chromium()
@@ -123,6 +124,7 @@ def test_up_gives_operators_real_pages_and_everything_dies_with_it(tmp_path, tin
     for key in ("BENTOML_HOME", "DRIFTLOOP_DB_URL", "PROMETHEUS_MULTIPROC_DIR"):
         env.pop(key, None)
     log = home / "up.log"
+    family: set[int] = set()  # what `up` started, known before it is killed, so a failure still cleans up
     up = Proc(["up", "--port", str(ports["service"]), "--controller-port", str(ports["controller"]),
                "--prometheus-port", str(ports["prometheus"]), "--ui-port", str(ports["ui"]), "--scrape-interval", "1s"], env, log)
     try:
@@ -148,7 +150,7 @@ def test_up_gives_operators_real_pages_and_everything_dies_with_it(tmp_path, tin
 
         # Prometheus: the shipped rule fires (the controller exports the streak, Prometheus scrapes it)
         deadline = time.time() + 120
-        firing = []
+        firing, alerts = [], []
         while time.time() < deadline and not firing:
             alerts = httpx.get(f"{prom}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
             firing = [a for a in alerts if a["labels"]["alertname"] == "DriftloopDriftPersisting" and a["state"] == "firing"]
@@ -184,9 +186,10 @@ def test_up_gives_operators_real_pages_and_everything_dies_with_it(tmp_path, tin
         assert not _alive(family), {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:120] for pid in _alive(family)}
         assert all(_port_free(p) for p in ports.values())
     finally:
-        for pid in _alive(_descendants(up.proc.pid)) if up.proc.poll() is None else set():
-            os.kill(pid, signal.SIGKILL)
+        family |= _descendants(up.proc.pid) if up.proc.poll() is None else set()
         up.stop()
+        for pid in _alive(family):  # anything that outlived `up` (the failure this test exists to catch)
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_serve_dies_with_its_supervisor_and_a_taken_port_is_one_line(tmp_path, tiny_model_dir):

@@ -47,6 +47,12 @@ def test_the_service_and_the_loop_default_to_the_same_runtime(monkeypatch):
     monkeypatch.setenv(runtimes.TOLERANCE_ENV, "0.25")
     assert ServiceSettings.from_env().runtime == runtimes.serving_choice().runtime == "onnx-int8"
     assert runtimes.serving_choice().int8_tolerance_pt == 0.25
+    # without the variable, what the prediction log says served the model; a given runtime beats both
+    monkeypatch.delenv(runtimes.RUNTIME_ENV)
+    assert runtimes.serving_choice(observed="onnx-int8").runtime == "onnx-int8"
+    assert runtimes.serving_choice("torch", observed="onnx-int8").runtime == "torch"
+    monkeypatch.setenv(runtimes.RUNTIME_ENV, "onnx")
+    assert runtimes.serving_choice(observed="onnx-int8").runtime == "onnx"
     monkeypatch.setenv(runtimes.RUNTIME_ENV, "tensorrt")
     with pytest.raises(DriftloopError, match="unknown runtime 'tensorrt'"):
         runtimes.serving_choice()
@@ -54,6 +60,7 @@ def test_the_service_and_the_loop_default_to_the_same_runtime(monkeypatch):
 
 def test_onnx_serves_what_torch_serves(tag):
     torch_pred = load_predictor(tag, device="cpu", precision="fp32")
+    assert (torch_pred.runtime, torch_pred.runtime_note) == ("torch", None)  # every predictor says what computes it
     onnx_pred = runtimes.load_runtime_predictor(tag, "onnx", device="cpu")
     assert onnx_pred.runtime == "onnx" and onnx_pred.runtime_note is None
     a, b = torch_pred.predict(TEXTS), onnx_pred.predict(TEXTS)
@@ -85,7 +92,7 @@ def _log_served(engine, tag: str, predictor, texts: list[str]) -> None:
     from core import predlog
 
     names = predictor.label_names
-    out = predictor.predict(texts, batch_size=32)
+    out = predictor.predict(texts, batch_size=runtimes.REFERENCE_FORWARD_BATCH)  # the service's CPU forward passes
     rows = [predlog.LoggedPrediction(f"{predictor.runtime}-{i}", t, names[int(out.labels[i])], float(out.probs[i].max()),
                                      {n: float(out.probs[i, j]) for j, n in enumerate(names)}, out.descriptors[i],
                                      out.truncated[i], out.embeddings[i]) for i, t in enumerate(texts)]
@@ -93,7 +100,8 @@ def _log_served(engine, tag: str, predictor, texts: list[str]) -> None:
 
 
 def test_int8_traffic_is_tested_against_a_reference_profiled_with_int8(tag, db_url):
-    """Stable traffic served by int8 (the reference's own texts, in the same batches): the monitor tests
+    """Stable traffic served by int8 (the reference's own texts, in forward passes of the service's CPU
+    size, as the reference was made: int8's activation scales depend on the batch): the monitor tests
     it against the reference the int8 graph computes, which matches it exactly (p = 1, no verdict);
     the PyTorch-profiled reference does not match it (int8's probabilities differ), which is the
     runtime change a reference from another runtime would report as drift. bench/runtime_drift.py

@@ -91,8 +91,11 @@ def test_prediction_log_batches_feedback_and_windows(state_db_url):
     # each row says which runtime computed it; a window is tested against its majority runtime's reference
     assert win.runtime == "torch" and set(win.frame["runtime"]) == {"torch"}
     predlog.write_batch(engine, "m:1", _predictions(6, start=200), runtime="onnx-int8")
-    assert window.load(engine, "m:1", ["negative", "positive"], last=11).runtime == "onnx-int8"
+    mixed = window.load(engine, "m:1", ["negative", "positive"], last=11)  # 5 torch rows, then 6 int8 rows
+    assert mixed.runtime == "onnx-int8" and mixed.size == 6 and mixed.other_runtime_rows == 5 and len(mixed.embeddings) == 6
     assert window.load(engine, "m:1", ["negative", "positive"], last=11, up_to_id=win.last_id).runtime == "torch"
+    assert predlog.recent_runtime(engine, "m:1") == "onnx-int8" and predlog.recent_runtime(engine, "m:1", limit=3) == "onnx-int8"
+    assert predlog.recent_runtime(engine, "m:2") == "torch" and predlog.recent_runtime(engine, "m:none") is None
 
 
 def test_a_log_written_before_runtimes_gains_the_column_and_reads_as_torch(state_db_url):
@@ -118,8 +121,11 @@ def test_a_log_written_before_runtimes_gains_the_column_and_reads_as_torch(state
     predlog.ensure_schema(engine)
     predlog.ensure_schema(engine)  # idempotent
     predlog.write_batch(engine, "m:1", _predictions(1, start=300), runtime="onnx")
-    win = window.load(engine, "m:1", ["negative", "positive"], last=10)
-    assert win.frame["runtime"].tolist() == [None, "onnx"] and win.size == 2
+    assert [r.runtime for r in predlog.window_rows(engine, "m:1", last=10)] == [None, "onnx"]
+    old_rows = window.load(engine, "m:1", ["negative", "positive"], last=1, up_to_id=1)
+    assert old_rows.runtime == "torch" and old_rows.frame["runtime"].tolist() == ["torch"]
+    tie = window.load(engine, "m:1", ["negative", "positive"], last=10)  # one row each: the newer runtime's
+    assert tie.runtime == "onnx" and tie.size == 1 and tie.other_runtime_rows == 1
 
 
 def test_sqlite_commit_policy_is_a_setting(tmp_path, monkeypatch):

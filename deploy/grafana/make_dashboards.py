@@ -15,6 +15,7 @@ service and controller, so a renamed metric breaks a test, not a dashboard.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from grafana_foundation_sdk.builders import dashboard as gdash
@@ -99,8 +100,9 @@ def dashboard(uid: str, title: str, panels: list) -> dict:
 
 
 def main() -> None:
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "dashboards"  # a directory: the test compares
     for uid, title, panels in (SERVING, QUALITY):
-        path = HERE / "dashboards" / f"{uid}.json"
+        path = out / f"{uid}.json"
         path.write_text(json.dumps(dashboard(uid, title, panels), sort_keys=True, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {path}")
 
