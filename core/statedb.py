@@ -91,8 +91,9 @@ def sqlite_synchronous() -> str:
     next opener replays it. `normal` skips the fsync per commit, so an operating-system crash or a
     power loss can lose the last commits before the next checkpoint (the database itself stays
     consistent); `full` fsyncs the WAL at every commit and survives those too. Measured
-    (docs/benchmarks.md): at one client `full` serves 8 % fewer requests per second than `normal`
-    (103.4 vs 112.6); at 32-64 clients, one commit per gathered batch, no measurable difference.
+    (docs/benchmarks.md): at one client `full` served 8 % fewer requests per second than `normal` in
+    one 5-round run (103.4 vs 112.6) and 0.4 % fewer in a 3-round run (99.5 vs 99.9), within this
+    machine's noise; at 32-64 clients, one commit per gathered batch, no measurable difference.
     Postgres ignores this (its own `synchronous_commit` applies).
     """
     mode = os.environ.get(SYNCHRONOUS_ENV, "normal").strip().lower()
