@@ -17,6 +17,7 @@ from core import tokens
 from core.errors import DriftloopError
 from core.home import bentoml_home, driftloop_home
 from core.lifecycle import die_with_parent, ensure_port_free
+from core.statedb import sqlite_synchronous
 from service.settings import PREFIX, ServiceSettings
 
 
@@ -40,6 +41,7 @@ def serve_command(
         if value is not None:
             os.environ[PREFIX + key.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
     settings = ServiceSettings.from_env()  # fail fast, one line, on a bad setting
+    sqlite_synchronous()  # the state DB's commit policy too: here, not as a traceback in every worker
     if not 0 < port < 65536:
         raise DriftloopError(f"--port must be between 1 and 65535, got {port}")
     kinds: list[tokens.Kind] = ["feedback", "admin"] + (["predict"] if settings.require_predict_token else [])

@@ -255,3 +255,6 @@ def test_serve_warns_when_predict_is_open_beyond_loopback(tmp_path):
     assert len(warning) == 1 and "0.0.0.0" in warning[0] and "/predict" in warning[0] and "--require-predict-token" in warning[0]
     assert not [line for line in local.stderr.splitlines() if line.startswith("warning:")]
     assert not [line for line in closed.stderr.splitlines() if line.startswith("warning:")]
+    # a bad commit policy is one line from `serve` itself, before anything starts
+    bad = run_cli(["serve", "--port", str(port)], home, timeout=60, env={"DRIFTLOOP_DB_SYNCHRONOUS": "sometimes"})
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: invalid DRIFTLOOP_DB_SYNCHRONOUS='sometimes': one of normal, full"
