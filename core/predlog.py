@@ -8,6 +8,23 @@ Rows are written per batch in one transaction, and the service answers only afte
 an acknowledged prediction survives a kill -9 of any process (SQLite WAL; an fsync per commit, which
 also survives power loss, with DRIFTLOOP_DB_SYNCHRONOUS=full: core/statedb.py; or Postgres). Feedback
 (late ground truth) is joined onto the same row by request id.
+
+The log grows by millions of rows a day under real load, so every query here touches O(window)
+rows, never O(log) (docs/benchmarks.md, bench/logscale.py; tests/test_log_plans.py checks each plan
+with EXPLAIN on both engines):
+
+- newest-first reads of one model walk `ix_predictions_model_id (model_version, id)` backwards and
+  stop at their LIMIT (the old `(model_version, created_at)` index made SQLite read and sort every
+  row the model ever served: 10.2 s for a 1,000-row window at 1 M rows);
+- labelled-row reads walk the partial index `ix_predictions_labelled` (only rows with feedback);
+- a time bound (`since`, a promotion's time) becomes an id bound first (`first_id_at`: one probe of
+  `ix_predictions_created`), so it narrows the id range instead of filtering a scan;
+- counts that only feed a threshold are capped (`cap`): they stop once the answer is known.
+
+On Postgres the table is partitioned by day on `created_at` (core/retention.py drops whole days);
+a partitioned table's unique keys must hold the partition key, so there the primary key is
+`(id, created_at)` and `request_id` has a plain index (ids are uuid4 hex made by the service). An
+existing unpartitioned Postgres log keeps working as it is (retention then deletes in batches).
 """
 
 from __future__ import annotations
@@ -20,10 +37,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Float,
-    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -46,9 +63,12 @@ from core.statedb import UTCDateTime, create_tables
 
 metadata = MetaData()
 
+# 64-bit ids on Postgres (100 predictions/s pass 2^31 in 8 months); SQLite's INTEGER PRIMARY KEY is 64-bit already
+LogId = BigInteger().with_variant(Integer, "sqlite")
+
 predictions = Table(
     "predictions", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", LogId, primary_key=True, autoincrement=True),
     Column("request_id", String(32), nullable=False, unique=True),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("model_version", String(255), nullable=False),
@@ -64,9 +84,34 @@ predictions = Table(
     Column("feedback_at", UTCDateTime()),
     Column("runtime", String(32)),  # what computed the row (core/runtimes.py); NULL: logged before this column, read as torch
                                     # (torch or onnx then, whose outputs match torch's within 1e-4)
-    Index("ix_predictions_model_created", "model_version", "created_at"),
-    Index("ix_predictions_created", "created_at"),
 )
+
+# Holds: log rows that retention must leave whole (text and embedding) until the need passes: a
+# running refinement's fresh rows and the reference it profiles, an unfinished bake's items. A hold
+# covers one model's rows from `from_id` on; it ends when released, or at `expires_at` if its owner
+# died without releasing it (core/retention.py).
+holds = Table(
+    "log_holds", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("model_version", String(255), nullable=False),
+    Column("from_id", LogId, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+)
+
+# The indexes, made by ensure_schema on both engines (IF NOT EXISTS: an existing log gains them in
+# place). RAW is the test for "still holds the customer's text or its embedding"; a query must spell
+# it exactly so for the planner to use the partial index.
+RAW = "(text IS NOT NULL OR embedding IS NOT NULL)"
+INDEXES = {
+    "ix_predictions_model_id": "ON predictions (model_version, id)",
+    "ix_predictions_labelled": "ON predictions (model_version, id) WHERE feedback_label IS NOT NULL",
+    "ix_predictions_created": "ON predictions (created_at)",
+    "ix_predictions_raw": f"ON predictions (id) WHERE {RAW}",
+}
+POSTGRES_INDEXES = {"ix_predictions_request": "ON predictions (request_id)"}  # SQLite: the column's UNIQUE index
+DROPPED_INDEXES = ("ix_predictions_model_created",)  # replaced by ix_predictions_model_id (see the module docstring)
 
 
 # Columns added after the table first shipped: (name, SQL type), all nullable, so an older log gains
@@ -75,21 +120,41 @@ ADDED_COLUMNS = (("runtime", "VARCHAR(32)"),)
 
 
 def ensure_schema(engine: Engine) -> None:
-    """Create the log's tables, and add the columns newer versions write to a log made by an older one."""
-    create_tables(metadata, engine)
+    """Create the log's tables (on Postgres, partitioned by day: core/retention.py), add the columns
+    and indexes newer versions use to a log made by an older one, and drop the indexes they replaced."""
+    if engine.dialect.name == "postgresql":
+        from core import partitions  # noqa: PLC0415 - Postgres only
+
+        partitions.ensure_partitioned_table(engine, predictions)
+        create_tables(metadata, engine, skip=(predictions,))
+    else:
+        create_tables(metadata, engine)
     present = {c["name"] for c in inspect(engine).get_columns("predictions")}
     missing = [(name, kind) for name, kind in ADDED_COLUMNS if name not in present]
     for name, kind in missing:  # names and types are the constants above
-        try:
-            with engine.begin() as conn:
-                if engine.dialect.name == "postgresql":  # ACCESS EXCLUSIVE: wait little behind long readers, then retry later
-                    conn.execute(sql_text("SET LOCAL lock_timeout = '5s'"))
-                    conn.execute(sql_text(f"ALTER TABLE predictions ADD COLUMN IF NOT EXISTS {name} {kind}"))
-                else:
-                    conn.execute(sql_text(f"ALTER TABLE predictions ADD COLUMN {name} {kind}"))
-        except (OperationalError, ProgrammingError):  # another process added it first
-            if name not in {c["name"] for c in inspect(engine).get_columns("predictions")}:
-                raise
+        _ddl(engine, f"ALTER TABLE predictions ADD COLUMN IF NOT EXISTS {name} {kind}" if engine.dialect.name == "postgresql"
+             else f"ALTER TABLE predictions ADD COLUMN {name} {kind}",
+             done=lambda name=name: name in {c["name"] for c in inspect(engine).get_columns("predictions")})
+    existing = {ix["name"] for ix in inspect(engine).get_indexes("predictions")}
+    wanted = {**INDEXES, **(POSTGRES_INDEXES if engine.dialect.name == "postgresql" else {})}
+    for name, spec in wanted.items():
+        if name not in existing:  # building one on a big old log takes a while, once (docs/deploy.md)
+            _ddl(engine, f"CREATE INDEX IF NOT EXISTS {name} {spec}")
+    for name in DROPPED_INDEXES:
+        if name in existing:
+            _ddl(engine, f"DROP INDEX IF EXISTS {name}")
+
+
+def _ddl(engine: Engine, statement: str, done=None) -> None:
+    """One schema change; another process making the same change at the same moment is not an error."""
+    try:
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":  # wait little behind long readers, then retry at the next start
+                conn.execute(sql_text("SET LOCAL lock_timeout = '5s'"))
+            conn.execute(sql_text(statement))
+    except (OperationalError, ProgrammingError):  # another process did it first
+        if done is not None and not done():
+            raise
 
 
 def text_hash(text: str) -> str:
@@ -109,10 +174,11 @@ class LoggedPrediction:
 
 
 def write_batch(engine: Engine, model_version: str, rows: Sequence[LoggedPrediction], store_text: bool = True,
-                runtime: str = "torch") -> None:
+                runtime: str = "torch", at: dt.datetime | None = None) -> None:
     """Insert a batch of predictions in one transaction (all or nothing); `runtime` is what computed
-    them (the monitor tests them against the reference profiled with the same runtime)."""
-    now = dt.datetime.now(dt.timezone.utc)
+    them (the monitor tests them against the reference profiled with the same runtime). `at` (default
+    now) is for simulated time only: benchmarks and tests of retention write days in seconds."""
+    now = at or dt.datetime.now(dt.timezone.utc)
     values = [{
         "request_id": r.request_id,
         "created_at": now,
@@ -178,6 +244,24 @@ def count(engine: Engine, model_version: str | None = None) -> int:
         return int(conn.execute(q).scalar_one())
 
 
+def first_id_at(engine: Engine, when: dt.datetime) -> int | None:
+    """The id of the first row logged at or after `when` (None: none yet): one probe of
+    `ix_predictions_created`, so that a time bound becomes an id range on the other indexes. Ids
+    follow commit order, times the writer's clock: rows of concurrent writers can sit a few
+    milliseconds out of order at the boundary, which a window or a day-sized cutoff does not see."""
+    c = predictions.c
+    first_at = select(func.min(c.created_at)).where(c.created_at >= when).scalar_subquery()
+    with engine.connect() as conn:  # a batch shares one time: the smallest id of the first time
+        return conn.execute(select(func.min(c.id)).where(c.created_at == first_at)).scalar()
+
+
+def _capped_count(conn, query, cap: int | None) -> int:
+    """COUNT(*) of `query`'s rows, reading at most `cap` of them (None: all)."""
+    if cap is not None:
+        query = query.limit(cap)
+    return int(conn.execute(select(func.count()).select_from(query.subquery())).scalar_one())
+
+
 def recent_texts(engine: Engine, model_version: str, since_id: int | None, limit: int) -> list[str]:
     """The newest `limit` logged texts of `model_version` (from log id `since_id` on), oldest first:
     what the model was serving, for a successor's reference profile."""
@@ -193,11 +277,40 @@ def labelled_after(engine: Engine, model_version: str, after: dt.datetime, limit
     """(text, served label, feedback label) of `model_version`'s predictions logged after `after`
     that received feedback, oldest first: the items a bake check pairs the old champion on."""
     c = predictions.c
+    first = first_id_at(engine, after)
+    if first is None:
+        return []
     q = (select(c.text, c.label, c.feedback_label)
-         .where(c.model_version == model_version, c.feedback_label.is_not(None), c.text.is_not(None), c.created_at >= after)
+         .where(c.model_version == model_version, c.feedback_label.is_not(None), c.id >= first, c.text.is_not(None),
+                c.created_at >= after)
          .order_by(c.id).limit(limit))
     with engine.connect() as conn:
         return [(t, y, f) for t, y, f in conn.execute(q)]
+
+
+def labelled_since_count(engine: Engine, model_version: str, after: dt.datetime, cap: int | None = None) -> tuple[int, int]:
+    """(labelled, of which with text) among `model_version`'s predictions logged after `after`, each
+    counted up to `cap`: how far a bake has come, and whether it can ever finish (hash-only rows
+    carry no text for the previous champion to score)."""
+    c = predictions.c
+    first = first_id_at(engine, after)
+    if first is None:
+        return 0, 0
+    base = select(c.id).where(c.model_version == model_version, c.feedback_label.is_not(None), c.id >= first,
+                              c.created_at >= after).order_by(c.id)
+    with engine.connect() as conn:
+        return _capped_count(conn, base, cap), _capped_count(conn, base.where(c.text.is_not(None)), cap)
+
+
+def texts_kept(engine: Engine, model_version: str, from_id: int = 0, sample: int = 100) -> bool | None:
+    """Whether the service logs `model_version`'s texts: any text among its newest `sample` rows
+    from `from_id` on (None: no rows yet). False means hash-only mode (`store_text=False`)."""
+    c = predictions.c
+    recent = (select(c.text).where(c.model_version == model_version, c.id >= from_id)
+              .order_by(c.id.desc()).limit(sample).subquery())
+    with engine.connect() as conn:
+        n, with_text = conn.execute(select(func.count(), func.count(recent.c.text))).one()
+    return None if not n else bool(with_text)
 
 
 def estimation_error(engine: Engine, model_version: str, limit: int = 5000) -> tuple[float | None, int]:
@@ -227,12 +340,12 @@ def recent_runtime(engine: Engine, model_version: str, limit: int = 1000) -> str
     return max(counts, key=counts.get) if counts else None
 
 
-def count_since(engine: Engine, model_version: str, after_id: int) -> int:
-    """How many predictions of `model_version` were logged after row `after_id`."""
+def count_since(engine: Engine, model_version: str, after_id: int, cap: int | None = None) -> int:
+    """How many predictions of `model_version` were logged after row `after_id` (counted up to `cap`)."""
     c = predictions.c
+    q = select(c.id).where(c.model_version == model_version, c.id > after_id).order_by(c.id)
     with engine.connect() as conn:
-        return int(conn.execute(select(func.count()).select_from(predictions)
-                                .where(c.model_version == model_version, c.id > after_id)).scalar_one())
+        return _capped_count(conn, q, cap)
 
 
 def latest_model_version(engine: Engine) -> str | None:
@@ -249,7 +362,10 @@ def window_rows(engine: Engine, model_version: str, *, last: int | None = 1000, 
     query = select(c.id, c.created_at, c.label, c.confidence, c.probs, c.truncated, c.embedding,
                    c.feedback_label, c.runtime, *(c[name] for name in DESCRIPTOR_COLUMNS)).where(c.model_version == model_version)
     if since is not None:
-        query = query.where(c.created_at >= since)
+        first = first_id_at(engine, since)
+        if first is None:
+            return []
+        query = query.where(c.id >= first, c.created_at >= since)
     if until is not None:
         query = query.where(c.created_at < until)
     if up_to_id is not None:
@@ -262,11 +378,13 @@ def window_rows(engine: Engine, model_version: str, *, last: int | None = 1000, 
 
 
 def labelled_count(engine: Engine, model_version: str, since: dt.datetime | None = None, from_id: int | None = None,
-                   with_text: bool = False) -> int:
+                   with_text: bool = False, cap: int | None = 10_000) -> int:
     """Labelled predictions of `model_version` (labelled after `since`, on log rows from `from_id` on,
-    only those whose text was kept if `with_text`): the labels a refinement could train on."""
+    only those whose text was kept if `with_text`): the labels a refinement could train on. Counted
+    newest first up to `cap` (a refinement takes at most `max_fresh_labels`): the policy asks at
+    every pass, and without a drift streak nothing else bounds the rows it would read."""
     c = predictions.c
-    q = select(func.count()).select_from(predictions).where(c.model_version == model_version, c.feedback_label.is_not(None))
+    q = select(c.id).where(c.model_version == model_version, c.feedback_label.is_not(None)).order_by(c.id.desc())
     if with_text:
         q = q.where(c.text.is_not(None))
     if since is not None:
@@ -274,7 +392,7 @@ def labelled_count(engine: Engine, model_version: str, since: dt.datetime | None
     if from_id is not None:
         q = q.where(c.id >= from_id)
     with engine.connect() as conn:
-        return int(conn.execute(q).scalar_one())
+        return _capped_count(conn, q, cap)
 
 
 def fresh_labelled(engine: Engine, model_version: str, since_id: int | None, limit: int) -> list[tuple[int, str, str]]:

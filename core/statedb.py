@@ -63,13 +63,13 @@ class UTCDateTime(TypeDecorator):
         return value.astimezone(dt.timezone.utc)
 
 
-def create_tables(metadata: MetaData, engine: Engine) -> None:
+def create_tables(metadata: MetaData, engine: Engine, skip: tuple = ()) -> None:
     """``metadata.create_all`` that tolerates another process creating the same tables at the same
     moment (two controllers or service workers starting on a fresh Postgres database: the loser's
     CREATE fails with "already exists" or a catalog unique violation; a second look finds the tables)."""
     for attempt in range(3):
         try:
-            metadata.create_all(engine)
+            metadata.create_all(engine, tables=[t for t in metadata.sorted_tables if t not in skip])
             return
         except (ProgrammingError, IntegrityError, OperationalError):
             if attempt == 2:
@@ -107,6 +107,10 @@ def _sqlite_pragmas(lock_timeout_s: float):
 
     def apply(dbapi_conn, _record) -> None:
         cur = dbapi_conn.cursor()
+        # freed pages go back to the OS in steps (core/retention.py) rather than by a full VACUUM, which
+        # would lock the log for minutes; takes effect only on a new, empty database (older ones
+        # reuse their freed pages, and `driftloop log vacuum` converts them once)
+        cur.execute("PRAGMA auto_vacuum=INCREMENTAL")
         cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer; crash-safe
         cur.execute(f"PRAGMA synchronous={synchronous.upper()}")  # see sqlite_synchronous
         cur.execute(f"PRAGMA busy_timeout={int(lock_timeout_s * 1000)}")

@@ -52,7 +52,8 @@ def gather_signals(engine: Engine, verdict: Verdict, jobs: RefineJobs, now: dt.d
         now=now, consecutive_drift=store.consecutive_drift(engine, version),
         realized_accuracy=q.realized_accuracy, labelled_in_window=q.labelled,
         estimated_accuracy=q.estimated_accuracy, reference_accuracy=verdict.reference_accuracy,
-        new_labels=predlog.labelled_count(engine, version, last_at, streak_start), last_retrain_at=last_at,
+        # with text: a refinement trains on texts, so labels of a hash-only log never make one start
+        new_labels=predlog.labelled_count(engine, version, last_at, streak_start, with_text=True), last_retrain_at=last_at,
         retrains_last_24h=audit.count_since(engine, "retrain_started", now - dt.timedelta(hours=24)),
         retrain_running=jobs.running(), reference_n=verdict.reference_n, estimated_se=q.estimated_se,
         estimation_error=error, estimation_error_n=error_n, in_first_bake=in_bake(engine, version) is not None,

@@ -73,7 +73,17 @@ def bake_check(engine: Engine, verdict: Verdict, policy: PolicyConfig, *, scorer
     if promo is None:
         return None
     previous = promo["previous"]
-    items = predlog.labelled_after(engine, version, dt.datetime.fromisoformat(promo["at"]), policy.bake_labels)
+    promoted_at = dt.datetime.fromisoformat(promo["at"])
+    first = predlog.first_id_at(engine, promoted_at)
+    if first is not None and predlog.texts_kept(engine, version, first) is False:
+        # hash-only mode: the previous champion can never re-score these items, so the bake would wait
+        # forever (and with it the policy's first-bake rule); decided at once, saying why
+        reason = ("the service stores text hashes only (store_text=False): the previous champion cannot re-score "
+                  "the new champion's items, so there is no paired bake; the gate before the promotion stands")
+        log.warning("bake of %s skipped: %s", version, reason)
+        audit.record(engine, "bake_passed", version, previous=previous, skipped=reason)
+        return "bake_passed"
+    items = predlog.labelled_after(engine, version, promoted_at, policy.bake_labels)
     if len(items) < policy.bake_labels:
         return None
     scorer = scorer or ShadowScorer()
@@ -102,3 +112,19 @@ def bake_check(engine: Engine, verdict: Verdict, policy: PolicyConfig, *, scorer
         return "rollback"
     audit.record(engine, "bake_passed", version, **details)
     return "bake_passed"
+
+
+def bake_status(engine: Engine, version: str, policy: PolicyConfig) -> dict | None:
+    """Where the serving model's bake stands, for /status: None when none is due (no promotion over a
+    previous champion, or it decided); else how many labelled items with text it has of the
+    `bake_labels` it needs, and whether it can finish at all."""
+    promo = in_bake(engine, version)
+    if promo is None:
+        return None
+    promoted_at = dt.datetime.fromisoformat(promo["at"])
+    labelled, with_text = predlog.labelled_since_count(engine, version, promoted_at, cap=policy.bake_labels)
+    first = predlog.first_id_at(engine, promoted_at)
+    kept = predlog.texts_kept(engine, version, first) if first is not None else None
+    return {"model_version": version, "previous": promo["previous"], "promoted_at": promo["at"],
+            "labelled_items": labelled, "labelled_items_with_text": with_text, "needed": policy.bake_labels,
+            "state": "skipping: hash-only log (decided at the next pass)" if kept is False else "waiting for labelled items"}

@@ -34,18 +34,21 @@ from starlette.applications import Starlette
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from core import alias, audit
+from core import alias, audit, predlog, retention
 from core.errors import DriftloopError
+from core.retention import RetentionConfig
 from core.home import state_db_url
 from core.statedb import get_engine
 from loop import act
 from loop.admin_api import admin_routes
-from loop.bake import ShadowScorer
+from loop.bake import ShadowScorer, bake_status
 from loop.lease import Fence, LeaderElector, Lease, LeaseSettings
 from loop.lease import current as current_lease
 from loop.policy import PolicyConfig
 from loop.refine_config import RefineConfig
 from loop.refine_jobs import RefineJobs
+from loop.upkeep import last_run as last_retention_run
+from loop.upkeep import retention_job
 from monitoring import exporter, passes, store
 from monitoring.config import MonitorConfig
 from monitoring.verdict import Verdict
@@ -64,6 +67,7 @@ class ControllerSettings(BaseModel):
     monitor: MonitorConfig = MonitorConfig()
     policy: PolicyConfig = PolicyConfig()
     refine: RefineConfig = RefineConfig()
+    retention: RetentionConfig = RetentionConfig()
     lease: LeaseSettings = Field(default_factory=LeaseSettings)
 
     @model_validator(mode="after")
@@ -90,7 +94,7 @@ def monitor_job(monitor: dict, policy: dict | None = None, refine: dict | None =
     lead = Leadership.of(holder) if holder is not None else None
     try:
         version = passes.serving_version(engine)
-        new = passes.new_since_last_verdict(engine, version)
+        new = passes.new_since_last_verdict(engine, version, cap=config.min_new_predictions)
         if new is not None and new < config.min_new_predictions:
             # no new verdict on re-read rows; the policy still runs on the last one (late labels, schedule mode,
             # a cooldown that ended), and the drift streak cannot grow
@@ -118,30 +122,36 @@ def monitor_job(monitor: dict, policy: dict | None = None, refine: dict | None =
 
 
 class MetricsRefresher:
-    """Publishes the newest stored pass to the gauges, once per new run id."""
-    def __init__(self, engine):
+    """Publishes the newest stored pass to the gauges, once per new run id, and the prediction log's
+    size and age at every scrape (O(log n) reads: core/retention.stats)."""
+    def __init__(self, engine, retention_config: RetentionConfig | None = None):
         self.engine = engine
+        self.retention = retention_config or RetentionConfig()
         self.last_run_id: int | None = None
         self.lock = threading.Lock()
 
     def refresh(self) -> None:
         with self.lock:
-            store.ensure_schema(self.engine)
-            latest = store.latest(self.engine)
-            if latest is None or latest["run_id"] == self.last_run_id:
-                return
-            if self.last_run_id is not None:  # count passes that happened since we last looked
-                for row in store.recent(self.engine, limit=100):
-                    if row["run_id"] <= self.last_run_id:
-                        break
-                    exporter.PASSES.labels(outcome=row["status"]).inc()
-                    if row.get("duration_s") is not None:
-                        exporter.PASS_DURATION.observe(row["duration_s"])
-            self.last_run_id = latest["run_id"]
-            finished = latest.get("finished_at")
-            ts = dt.datetime.fromisoformat(finished).timestamp() if finished else time.time()
-            consecutive = store.consecutive_drift(self.engine, latest["model_version"])
-            exporter.publish(latest, ts, consecutive)
+            self._refresh_passes()
+            exporter.publish_log_stats(retention.stats(self.engine, self.retention))
+
+    def _refresh_passes(self) -> None:
+        store.ensure_schema(self.engine)
+        latest = store.latest(self.engine)
+        if latest is None or latest["run_id"] == self.last_run_id:
+            return
+        if self.last_run_id is not None:  # count passes that happened since we last looked
+            for row in store.recent(self.engine, limit=100):
+                if row["run_id"] <= self.last_run_id:
+                    break
+                exporter.PASSES.labels(outcome=row["status"]).inc()
+                if row.get("duration_s") is not None:
+                    exporter.PASS_DURATION.observe(row["duration_s"])
+        self.last_run_id = latest["run_id"]
+        finished = latest.get("finished_at")
+        ts = dt.datetime.fromisoformat(finished).timestamp() if finished else time.time()
+        consecutive = store.consecutive_drift(self.engine, latest["model_version"])
+        exporter.publish(latest, ts, consecutive)
 
 
 class Leadership:
@@ -254,7 +264,10 @@ def build_app(engine, refresher: MetricsRefresher, leadership: Leadership | None
         latest = store.latest(engine)
         prod = alias.current(engine=engine)
         role = leadership.status() if leadership is not None else {"leader": None, "holder": None, "lease": None}
+        settings = leadership.settings if leadership is not None else ControllerSettings()
         return JSONResponse({**role, "champion": prod.tag if prod else None, "last_monitor_pass": latest,
+                             "bake": bake_status(engine, prod.tag, settings.policy) if prod else None,
+                             "log": {**retention.stats(engine, settings.retention), "last_retention_run": last_retention_run()},
                              "jobs": leadership.jobs() if leadership is not None else [],
                              "refine_running": refinements.running(), "recent_events": audit.history(engine, limit=10)})
 
@@ -296,6 +309,10 @@ def build_scheduler(settings: ControllerSettings, holder: str | None = None):
     scheduler.add_job(monitor_job, "interval", seconds=settings.monitor_interval_s, id="monitor", name="monitor pass",
                       replace_existing=True, kwargs={"monitor": settings.monitor.model_dump(), "policy": settings.policy.model_dump(),
                                                      "refine": settings.refine.model_dump(), "holder": holder})
+    # always scheduled (replacing a stored one): with retention.enabled false the job does nothing
+    scheduler.add_job(retention_job, "interval", seconds=settings.retention.interval_s, id="retention", name="log retention",
+                      replace_existing=True, kwargs={"retention_config": settings.retention.model_dump()},
+                      next_run_time=dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=min(60.0, settings.retention.interval_s)))
     return scheduler
 
 
@@ -304,9 +321,10 @@ def run(settings: ControllerSettings) -> None:
     lease; then shut down cleanly (scheduler, refinement, lease released for a standby)."""
 
     engine = get_engine()
+    predlog.ensure_schema(engine)  # on Postgres also this week's day partitions, before any retention run
     store.ensure_schema(engine)
     audit.ensure_schema(engine)
-    refresher = MetricsRefresher(engine)
+    refresher = MetricsRefresher(engine, settings.retention)
     exporter.UP_SINCE.set(time.time())
     leadership = Leadership(engine, settings)
     app = build_app(engine, refresher, leadership, refine=settings.refine)

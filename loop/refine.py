@@ -35,7 +35,7 @@ from collections.abc import Callable
 import numpy as np
 from sqlalchemy.engine import Connection, Engine
 
-from core import alias, audit, data_store, inference, predlog, production, profile, registry, runtimes
+from core import alias, audit, data_store, inference, predlog, production, profile, registry, retention, runtimes
 from core.data_store import DatasetRef, Row
 from core.errors import DriftloopError
 from core.inference import Predictor
@@ -157,9 +157,23 @@ def replay_rows(chain: list[RegisteredModel], label_names: list[str], budget: in
 def run(engine: Engine, config: RefineConfig, *, trigger: str = "manual", since_id: int | None = None,
         monitor_runs: list[int] | None = None, quiet: bool = True, fence: Callable[[Connection], None] | None = None) -> dict:
     """The whole refinement; returns a JSON summary (also recorded in the audit trail). `fence` is
-    the controller's lease check, run inside the promotion's transaction."""
-    started = time.perf_counter()
+    the controller's lease check, run inside the promotion's transaction. While it runs, a hold keeps
+    the champion's log rows from `since_id` on whole (core/retention.py): its fresh rows and the
+    traffic it profiles for the challenger's reference; a refinement killed outright leaves a hold
+    that expires after retention's hold_ttl_s."""
     predlog.ensure_schema(engine)
+    state = alias.current(engine=engine)
+    hold_id = retention.hold(engine, state.tag, since_id or 0, f"refinement ({trigger}): fresh rows and reference profile") if state else None
+    try:
+        return _run(engine, config, trigger=trigger, since_id=since_id, monitor_runs=monitor_runs, quiet=quiet, fence=fence)
+    finally:
+        if hold_id is not None:
+            retention.release(engine, hold_id)
+
+
+def _run(engine: Engine, config: RefineConfig, *, trigger: str, since_id: int | None, monitor_runs: list[int] | None,
+         quiet: bool, fence: Callable[[Connection], None] | None) -> dict:
+    started = time.perf_counter()
     state = alias.current(engine=engine)
     if state is None:
         raise DriftloopError("no production model to refine: train and promote one first")

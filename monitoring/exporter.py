@@ -93,3 +93,46 @@ def publish(result: dict, finished_at: float, consecutive: int) -> None:
     MODEL_INFO.labels(model_version=result.get("model_version", "")).set(1)
     LAST_PASS.set(finished_at)
     _set(LAST_DURATION, result.get("duration_s"))
+
+
+# ---- the prediction log's size and retention (core/retention.py), read at every scrape
+LOG_ROWS = Gauge("driftloop_log_rows", "Rows in the prediction log (SQLite: the id span; Postgres: the planner's estimate)", registry=REGISTRY)
+LOG_BYTES = Gauge("driftloop_log_bytes", "Bytes the prediction log takes on disk (SQLite: the state DB file and its WAL; Postgres: every partition)",
+                  registry=REGISTRY)
+LOG_OLDEST = Gauge("driftloop_log_oldest_row_timestamp_seconds", "Unix time of the oldest row in the prediction log", registry=REGISTRY)
+LOG_OLDEST_RAW = Gauge("driftloop_log_oldest_raw_row_timestamp_seconds", "Unix time of the oldest row that still holds its text or embedding",
+                       registry=REGISTRY)
+LOG_PENDING = Gauge("driftloop_log_rows_pending_compaction", "Rows older than retention.raw_days that still hold text or embedding (held or not yet compacted)",
+                    registry=REGISTRY)
+LOG_DISK_FREE = Gauge("driftloop_log_disk_free_bytes", "Free bytes on the file system of the SQLite state DB (NaN on Postgres)", registry=REGISTRY)
+LOG_DISK_SIZE = Gauge("driftloop_log_disk_size_bytes", "Size of the file system of the SQLite state DB (NaN on Postgres)", registry=REGISTRY)
+LOG_RAW_DAYS = Gauge("driftloop_log_raw_retention_seconds", "retention.raw_days of the controller, in seconds", registry=REGISTRY)
+LOG_DAYS = Gauge("driftloop_log_retention_seconds", "retention.days of the controller, in seconds", registry=REGISTRY)
+RETENTION_RUNS = Counter("driftloop_log_retention_runs", "Retention runs by outcome (ok, partial: stopped at max_run_s, error)", ["outcome"],
+                         registry=REGISTRY)
+RETENTION_ROWS = Counter("driftloop_log_retention_rows", "Rows retention compacted (text and embedding dropped) or deleted", ["action"],
+                         registry=REGISTRY)
+RETENTION_LAST = Gauge("driftloop_log_retention_last_run_timestamp_seconds", "Unix time the last retention run finished", registry=REGISTRY)
+for _outcome in ("ok", "partial", "error"):
+    RETENTION_RUNS.labels(outcome=_outcome)
+for _action in ("compacted", "deleted"):
+    RETENTION_ROWS.labels(action=_action)
+
+
+def _timestamp(iso: str | None) -> float:
+    import datetime as dt  # noqa: PLC0415
+
+    return dt.datetime.fromisoformat(iso).timestamp() if iso else math.nan
+
+
+def publish_log_stats(stats: dict) -> None:
+    """Set the log's gauges from `core.retention.stats()`."""
+    LOG_ROWS.set(stats["rows"])
+    _set(LOG_BYTES, stats.get("bytes"))
+    LOG_OLDEST.set(_timestamp(stats.get("oldest_at")))
+    LOG_OLDEST_RAW.set(_timestamp(stats.get("oldest_raw_at")))
+    LOG_PENDING.set(stats["pending_compaction"])
+    LOG_RAW_DAYS.set(stats["raw_days"] * 86400)
+    LOG_DAYS.set(stats["days"] * 86400)
+    _set(LOG_DISK_FREE, stats.get("disk_free_bytes"))  # NaN on Postgres: the server's disk is the server's to watch
+    _set(LOG_DISK_SIZE, stats.get("disk_total_bytes"))

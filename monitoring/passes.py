@@ -109,13 +109,14 @@ def _add_to_workspace(result: PassResult) -> None:
     ws.add_run(project.id, result.snapshot, include_data=False)
 
 
-def new_since_last_verdict(engine: Engine, version: str) -> int | None:
-    """Predictions of `version` logged after the window of its newest pass with a verdict (None: no such pass)."""
+def new_since_last_verdict(engine: Engine, version: str, cap: int | None = None) -> int | None:
+    """Predictions of `version` logged after the window of its newest pass with a verdict (None: no
+    such pass), counted up to `cap`: the scheduler only compares it with min_new_predictions."""
     store.ensure_schema(engine)
     last = store.last_verdict(engine, version)
     if last is None or last["window_last_id"] is None:
         return None
-    return predlog.count_since(engine, version, last["window_last_id"])
+    return predlog.count_since(engine, version, last["window_last_id"], cap=cap)
 
 
 def with_fresh_labels(engine: Engine, config: MonitorConfig, stored: dict) -> dict:

@@ -10,9 +10,10 @@ import datetime as dt
 import json
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Boolean, Column, Float, Integer, MetaData, String, Table, Text, insert, select
+from sqlalchemy import Boolean, Column, Float, Integer, MetaData, String, Table, Text, insert, select, text
 from sqlalchemy.engine import Engine
 
+from core.predlog import LogId
 from core.statedb import UTCDateTime, create_tables
 
 if TYPE_CHECKING:  # the type only: monitoring.analysis imports Evidently (3.5 s), which readers of stored passes never need
@@ -28,8 +29,8 @@ monitor_runs = Table(
     Column("status", String(32), nullable=False),  # ok | insufficient
     Column("drift", Boolean),  # NULL when there was no verdict
     Column("window_size", Integer, nullable=False),
-    Column("window_first_id", Integer),
-    Column("window_last_id", Integer),
+    Column("window_first_id", LogId),
+    Column("window_last_id", LogId),
     Column("window_start", UTCDateTime()),
     Column("window_end", UTCDateTime()),
     Column("labelled", Integer, nullable=False),
@@ -40,9 +41,36 @@ monitor_runs = Table(
     Column("result", Text, nullable=False),  # PassResult.to_json()
 )
 
+# newest-first reads of one model's passes walk this index (one pass a minute is 43,000 rows a month)
+INDEX = "CREATE INDEX IF NOT EXISTS ix_monitor_runs_model_id ON monitor_runs (model_version, id)"
+
+
+_ready: set[str] = set()  # engines whose schema this process has already checked
+
 
 def ensure_schema(engine: Engine) -> None:
+    key = str(engine.url)
+    if key in _ready:
+        return
     create_tables(metadata, engine)
+    with engine.begin() as conn:  # also on a table made before the index (IF NOT EXISTS: a no-op after)
+        conn.execute(text(INDEX))
+    _ready.add(key)
+
+
+def prune_before(engine: Engine, cutoff: dt.datetime, batch: int = 1000) -> tuple[int, list[str]]:
+    """Delete the passes that finished before `cutoff` (retention.days: core/retention.py), in short
+    batches, and return (passes deleted, their report files) for the caller to remove."""
+    deleted, reports = 0, []
+    while True:
+        with engine.begin() as conn:
+            rows = conn.execute(select(monitor_runs.c.id, monitor_runs.c.report_path)
+                                .where(monitor_runs.c.finished_at < cutoff).order_by(monitor_runs.c.id).limit(batch)).all()
+            if not rows:
+                return deleted, reports
+            conn.execute(monitor_runs.delete().where(monitor_runs.c.id.in_([r.id for r in rows])))
+        deleted += len(rows)
+        reports += [r.report_path for r in rows if r.report_path]
 
 
 def _num(value) -> float | None:

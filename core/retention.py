@@ -1,0 +1,351 @@
+"""Retention of the prediction log: raw content for days, the rest for months, then nothing.
+
+A prediction costs ~2.2 KB in the log, 70 % of it the float32 embedding and most of the rest the
+customer's text (bench/logscale.py); at 100 predictions/s that is ~19 GB a day. Both are needed only
+for a while: the monitor tests the newest window, a refinement trains on the labelled rows of the
+current drift streak and profiles the newest traffic, a bake pairs the items served since a
+promotion, and all a model needs for good is copied into the content-addressed dataset store when
+the model is made. So, run on schedule by the leading controller (`driftloop log compact` by hand):
+
+- after `raw_days` a row loses its text and embedding and keeps the rest (label, confidence,
+  calibrated scores, descriptors, feedback, runtime, text hash): trends, accuracy and drift on
+  descriptors stay answerable for `days`;
+- after `days` the row is deleted (on Postgres, whole day partitions are dropped: core/partitions.py);
+- rows under a hold (`hold()`: a running refinement, an unfinished bake) are left whole until it
+  is released or expires;
+- the work goes in batches of `batch_rows`, each its own short transaction with a pause after it,
+  so the service's writes (one transaction per gathered batch) wait at most one batch;
+- SQLite returns freed pages to the file system in steps (`PRAGMA incremental_vacuum`) on a log
+  created with incremental auto-vacuum (every new one: core/statedb.py); an older log reuses its
+  freed pages, so it stops growing, and `driftloop log vacuum` converts it once (a full VACUUM).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from sqlalchemy import MetaData, and_, delete, func, not_, select, text as sql_text, update
+from sqlalchemy.engine import Engine, make_url
+
+from core import predlog
+from core.predlog import holds, predictions
+
+log = logging.getLogger("driftloop.retention")
+UTC = dt.timezone.utc
+
+
+class RetentionConfig(BaseModel):
+    """How long the prediction log keeps what. Defaults, argued:
+
+    `raw_days` 7: raw text and embeddings serve the newest monitor windows (minutes to hours), the
+    labels of a drift streak (hours to a day or two: feedback arrives late) and a bake (at 2 %
+    feedback and 1 request/s, 200 labelled items take ~3 hours). A week covers a label delay of
+    several days with room, and keeps no customer text longer than that (data minimisation: the
+    text is the personal part); everything a model needs for good is already in the dataset store.
+    `days` 90: a quarter of accuracy, confidence and descriptor trends for dashboards and audits,
+    at ~0.6 KB per compacted row.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="False: the controller's retention job does nothing (the log only grows).")
+    raw_days: float = Field(7.0, gt=0, description="Days a row keeps its text and embedding.")
+    days: float = Field(90.0, gt=0, description="Days a row is kept at all.")
+    interval_s: float = Field(3600.0, ge=10, description="Seconds between the controller's retention runs.")
+    batch_rows: int = Field(1000, ge=1, le=100_000, description=(
+        "Rows per delete or compaction transaction: the longest a service write waits behind retention."))
+    pause_s: float = Field(0.05, ge=0, description="Pause after each batch, so writers take the lock in between.")
+    max_run_s: float = Field(600.0, gt=0, description="A run stops after this long and resumes at the next one.")
+    vacuum_pages: int = Field(2048, ge=1, description="SQLite: free pages returned to the file system per step (4 KiB each).")
+    hold_ttl_s: float = Field(24 * 3600.0, gt=0, description="A hold whose owner died without releasing it ends after this long.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "RetentionConfig":
+        if self.raw_days > self.days:
+            raise ValueError(f"retention.raw_days {self.raw_days} > retention.days {self.days}: a row cannot keep its "
+                             "text longer than the row itself")
+        return self
+
+
+@dataclass(frozen=True)
+class Hold:
+    model_version: str
+    from_id: int
+    reason: str
+
+
+@dataclass
+class RunResult:
+    compacted: int = 0
+    deleted: int = 0
+    partitions_dropped: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # what was left and why, one line each
+    vacuumed_pages: int = 0
+    holds: list[str] = field(default_factory=list)
+    finished: bool = True  # False: stopped at max_run_s with work left
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- holds
+
+
+def hold(engine: Engine, model_version: str, from_id: int, reason: str, ttl_s: float = 24 * 3600.0) -> int:
+    """Keep `model_version`'s rows from `from_id` on whole until `release` (or `ttl_s` from now)."""
+    now = dt.datetime.now(UTC)
+    with engine.begin() as conn:
+        row = conn.execute(holds.insert().values(model_version=model_version, from_id=int(from_id), reason=reason,
+                                                 created_at=now, expires_at=now + dt.timedelta(seconds=ttl_s)))
+        return int(row.inserted_primary_key[0])
+
+
+def release(engine: Engine, hold_id: int) -> None:
+    with engine.begin() as conn:
+        conn.execute(delete(holds).where(holds.c.id == hold_id))
+
+
+def active_holds(engine: Engine, now: dt.datetime | None = None) -> list[Hold]:
+    """Holds in force; expired ones are deleted on the way."""
+    now = now or dt.datetime.now(UTC)
+    with engine.begin() as conn:
+        conn.execute(delete(holds).where(holds.c.expires_at < now))
+        rows = conn.execute(select(holds.c.model_version, holds.c.from_id, holds.c.reason)).all()
+    return [Hold(m, int(f), r) for m, f, r in rows]
+
+
+def _not_held(held: Iterable[Hold], c):
+    terms = [not_(and_(c.model_version == h.model_version, c.id >= h.from_id)) for h in held]
+    return and_(*terms) if terms else None
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _partitioned(engine: Engine) -> bool:
+    from core import partitions  # noqa: PLC0415 - Postgres only
+
+    with engine.connect() as conn:
+        return bool(partitions.is_partitioned(conn))
+
+
+def _cut_id(engine: Engine, cutoff: dt.datetime) -> int:
+    """Rows with id < this were logged before `cutoff` (the whole log if none was logged after)."""
+    first = predlog.first_id_at(engine, cutoff)
+    return first if first is not None else predlog.max_id(engine) + 1
+
+
+def _batches(engine: Engine, pick, act, config: RetentionConfig, deadline: float) -> tuple[int, bool]:
+    """Run `act(ids)` on batches of ids from `pick(limit)`, each in its own transaction; returns
+    (rows, finished)."""
+    done = 0
+    while True:
+        if time.monotonic() > deadline:
+            return done, False
+        with engine.begin() as conn:
+            ids = [i for (i,) in conn.execute(pick(config.batch_rows))]
+            if not ids:
+                return done, True
+            act(conn, ids)
+        done += len(ids)
+        if config.pause_s:
+            time.sleep(config.pause_s)
+
+
+def run(engine: Engine, config: RetentionConfig, *, now: dt.datetime | None = None,
+        extra_holds: Iterable[Hold] = ()) -> RunResult:
+    """One retention run: drop or delete rows older than `days`, strip text and embedding from rows
+    older than `raw_days`, then give freed space back (SQLite). Rows under a hold stay whole."""
+    started = time.monotonic()
+    deadline = started + config.max_run_s
+    now = now or dt.datetime.now(UTC)
+    predlog.ensure_schema(engine)
+    held = active_holds(engine, now) + list(extra_holds)
+    result = RunResult(holds=[f"{h.model_version} from log id {h.from_id}: {h.reason}" for h in held])
+    c = predictions.c
+    delete_before = now - dt.timedelta(days=config.days)
+    raw_before = now - dt.timedelta(days=config.raw_days)
+    free = _not_held(held, c)
+
+    if engine.dialect.name == "postgresql":
+        from core import partitions  # noqa: PLC0415 - Postgres only
+
+        partitions.ensure_days(engine, today=now.date())
+
+        def needed(conn, name: str) -> str | None:
+            for h in held:
+                hit = conn.execute(sql_text(f"SELECT 1 FROM {name} WHERE model_version = :m AND id >= :f LIMIT 1"),
+                                   {"m": h.model_version, "f": h.from_id}).first()
+                if hit is not None:
+                    return f"held ({h.reason})"
+            return None
+
+        dropped, kept = partitions.drop_days_before(engine, delete_before, keep=needed)
+        result.partitions_dropped, result.kept = dropped, kept
+
+    # rows older than `days`: on SQLite (or an unpartitioned Postgres log) by id range; on a partitioned
+    # log only in DEFAULT (rows of days nobody made a partition for): a day partition goes whole, at
+    # the first run after its last row is `days` old, so rows live between `days` and `days` + 1
+    table = predictions
+    if engine.dialect.name == "postgresql" and _partitioned(engine):
+        from core import partitions  # noqa: PLC0415 - Postgres only
+
+        table = predictions.to_metadata(MetaData(), name=partitions.DEFAULT_PARTITION)
+    t = table.c
+    cut = _cut_id(engine, delete_before)
+    not_held = _not_held(held, t)
+
+    def old_rows(limit: int):
+        q = select(t.id).where(t.id < cut, t.created_at < delete_before).order_by(t.id).limit(limit)
+        return q if not_held is None else q.where(not_held)
+
+    result.deleted, finished = _batches(engine, old_rows, lambda conn, ids: conn.execute(delete(table).where(t.id.in_(ids))),
+                                        config, deadline)
+
+    raw_cut = _cut_id(engine, raw_before)
+
+    def raw_rows(limit: int):
+        q = (select(c.id).where(sql_text(predlog.RAW), c.id < raw_cut, c.created_at < raw_before)
+             .order_by(c.id).limit(limit))
+        return q if free is None else q.where(free)
+
+    if finished:
+        result.compacted, finished = _batches(
+            engine, raw_rows, lambda conn, ids: conn.execute(update(predictions).where(c.id.in_(ids)).values(text=None, embedding=None)),
+            config, deadline)
+    if finished and engine.dialect.name == "sqlite":
+        result.vacuumed_pages, finished = incremental_vacuum(engine, config, deadline)
+    if held:
+        with engine.connect() as conn:
+            for h in held:
+                n = conn.execute(select(func.count()).select_from(
+                    select(c.id).where(sql_text(predlog.RAW), c.model_version == h.model_version, c.id >= h.from_id,
+                                       c.id < raw_cut).limit(1_000_000).subquery())).scalar_one()
+                if n:
+                    result.kept.append(f"{n} rows of {h.model_version} from log id {h.from_id} kept raw past {config.raw_days:g} days: {h.reason}")
+    result.finished = finished
+    result.seconds = round(time.monotonic() - started, 3)
+    log.info("retention: %d rows compacted, %d deleted, %d partitions dropped, %d pages vacuumed%s in %.1fs",
+             result.compacted, result.deleted, len(result.partitions_dropped), result.vacuumed_pages,
+             "" if finished else " (stopped at max_run_s; resumes next run)", result.seconds)
+    return result
+
+
+def incremental_vacuum(engine: Engine, config: RetentionConfig, deadline: float) -> tuple[int, bool]:
+    """Return SQLite's free pages to the file system, `vacuum_pages` per short write transaction
+    (only on a log made with auto_vacuum=INCREMENTAL); then a passive WAL checkpoint, which moves
+    the shrunken pages into the main file without waiting for anybody."""
+    freed = 0
+    with engine.connect() as conn:
+        if conn.exec_driver_sql("PRAGMA auto_vacuum").scalar() != 2:
+            return 0, True
+    while time.monotonic() < deadline:
+        with engine.begin() as conn:
+            pending = int(conn.exec_driver_sql("PRAGMA freelist_count").scalar())
+            if not pending:
+                break
+            # the statement frees one page per step: step it to the end on the driver's cursor
+            # (SQLAlchemy sees no result rows and would stop after the first)
+            cursor = conn.connection.driver_connection.cursor()
+            cursor.execute(f"PRAGMA incremental_vacuum({int(min(pending, config.vacuum_pages))})")
+            cursor.fetchall()
+            cursor.close()
+            freed += pending - int(conn.exec_driver_sql("PRAGMA freelist_count").scalar())
+        if config.pause_s:
+            time.sleep(config.pause_s)
+    else:
+        return freed, False
+    with engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+    return freed, True
+
+
+def full_vacuum(engine: Engine) -> dict:
+    """SQLite: rewrite the whole file once (VACUUM), switching it to incremental auto-vacuum. It
+    needs free disk space of the file's size and holds the write lock throughout: the service
+    answers 503 meanwhile. Measured: see docs/benchmarks.md (bench/logscale.py)."""
+    if engine.dialect.name != "sqlite":
+        raise ValueError("VACUUM here is for SQLite; Postgres's autovacuum and dropped partitions return space")
+    before = file_bytes(engine)
+    started = time.monotonic()
+    with engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA auto_vacuum=INCREMENTAL")
+        conn.exec_driver_sql("VACUUM")
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    return {"bytes_before": before, "bytes_after": file_bytes(engine), "seconds": round(time.monotonic() - started, 1)}
+
+
+# --------------------------------------------------------------------------- size and growth
+
+
+def sqlite_path(engine: Engine) -> Path | None:
+    if engine.dialect.name != "sqlite":
+        return None
+    database = make_url(str(engine.url)).database
+    return Path(database) if database and database != ":memory:" else None
+
+
+def file_bytes(engine: Engine) -> int | None:
+    """Bytes the state DB takes on disk (SQLite: the file and its WAL; Postgres: every partition of
+    the log with its indexes and TOAST)."""
+    path = sqlite_path(engine)
+    if path is not None:
+        return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            size = conn.execute(sql_text("SELECT COALESCE(sum(pg_total_relation_size(relid)), 0) "
+                                         "FROM pg_partition_tree(to_regclass('predictions'))")).scalar()
+        return int(size or 0)
+    return None
+
+
+def disk_usage(engine: Engine) -> tuple[int, int] | None:
+    """(free bytes, total bytes) of the file system holding the SQLite log; None for a server DB."""
+    path = sqlite_path(engine)
+    if path is None:
+        return None
+    usage = shutil.disk_usage(path.parent if path.parent.exists() else os.getcwd())
+    return usage.free, usage.total
+
+
+def stats(engine: Engine, config: RetentionConfig | None = None, now: dt.datetime | None = None) -> dict:
+    """The log's size and age, in O(log n) reads plus the pending count (bounded by the backlog):
+    what `/metrics` and `driftloop log status` show."""
+    config = config or RetentionConfig()
+    now = now or dt.datetime.now(UTC)
+    c = predictions.c
+    with engine.connect() as conn:
+        # one aggregate per statement: SQLite answers a lone min() or max() from the index's end, both together by a scan
+        lo = conn.execute(select(func.min(c.id))).scalar()
+        hi = conn.execute(select(func.max(c.id))).scalar()
+        oldest_at = conn.execute(select(c.created_at).where(c.id == lo)).scalar() if lo is not None else None
+        oldest_raw_id = conn.execute(select(func.min(c.id)).where(sql_text(predlog.RAW))).scalar()
+        oldest_raw_at = conn.execute(select(c.created_at).where(c.id == oldest_raw_id)).scalar() if oldest_raw_id is not None else None
+        if engine.dialect.name == "postgresql":  # the planner's estimate: an exact count reads every row
+            estimate = conn.execute(sql_text("SELECT COALESCE(sum(GREATEST(c.reltuples, 0)), 0) FROM pg_partition_tree(to_regclass('predictions')) t "
+                                             "JOIN pg_class c ON c.oid = t.relid WHERE t.isleaf")).scalar()
+            rows = int(estimate or 0)
+        else:  # ids grow by one per row and retention deletes the oldest: the span is the count, less what forget removed
+            rows = 0 if lo is None else int(hi) - int(lo) + 1
+    raw_cut = _cut_id(engine, now - dt.timedelta(days=config.raw_days)) if lo is not None else 0
+    with engine.connect() as conn:
+        pending = int(conn.execute(select(func.count()).select_from(
+            select(c.id).where(sql_text(predlog.RAW), c.id < raw_cut).subquery())).scalar_one()) if lo is not None else 0
+    disk = disk_usage(engine)
+    return {
+        "rows": rows, "max_id": int(hi or 0),
+        "oldest_at": oldest_at.isoformat() if oldest_at else None,
+        "oldest_raw_at": oldest_raw_at.isoformat() if oldest_raw_at else None,
+        "pending_compaction": pending, "bytes": file_bytes(engine),
+        "disk_free_bytes": disk[0] if disk else None, "disk_total_bytes": disk[1] if disk else None,
+        "raw_days": config.raw_days, "days": config.days,
+    }
