@@ -16,7 +16,8 @@ with EXPLAIN on both engines):
 - newest-first reads of one model walk `ix_predictions_model_id (model_version, id)` backwards and
   stop at their LIMIT (the old `(model_version, created_at)` index made SQLite read and sort every
   row the model ever served: 10.2 s for a 1,000-row window at 1 M rows);
-- labelled-row reads walk the partial index `ix_predictions_labelled` (only rows with feedback);
+- labelled-row reads walk the partial indexes `ix_predictions_labelled` (by id) and
+  `ix_predictions_labelled_at` (by label time), which hold only rows with feedback;
 - a time bound (`since`, a promotion's time) becomes an id bound first (`first_id_at`: one probe of
   `ix_predictions_created`), so it narrows the id range instead of filtering a scan;
 - counts that only feed a threshold are capped (`cap`): they stop once the answer is known.
@@ -107,6 +108,7 @@ RAW = "(text IS NOT NULL OR embedding IS NOT NULL)"
 INDEXES = {
     "ix_predictions_model_id": "ON predictions (model_version, id)",
     "ix_predictions_labelled": "ON predictions (model_version, id) WHERE feedback_label IS NOT NULL",
+    "ix_predictions_labelled_at": "ON predictions (model_version, feedback_at) WHERE feedback_label IS NOT NULL",
     "ix_predictions_created": "ON predictions (created_at)",
     "ix_predictions_raw": f"ON predictions (id) WHERE {RAW}",
 }
@@ -384,7 +386,9 @@ def labelled_count(engine: Engine, model_version: str, since: dt.datetime | None
     newest first up to `cap` (a refinement takes at most `max_fresh_labels`): the policy asks at
     every pass, and without a drift streak nothing else bounds the rows it would read."""
     c = predictions.c
-    q = select(c.id).where(c.model_version == model_version, c.feedback_label.is_not(None)).order_by(c.id.desc())
+    # no ORDER BY: any `cap` rows answer a capped count, and the planner may then take the label-time
+    # range (ix_predictions_labelled_at): late labels land on old rows, which an id bound would miss
+    q = select(c.id).where(c.model_version == model_version, c.feedback_label.is_not(None))
     if with_text:
         q = q.where(c.text.is_not(None))
     if since is not None:

@@ -42,7 +42,7 @@ def controller_command(
     policy: Optional[str] = typer.Option(None, help="drift_and_performance | drift | performance | schedule | manual"),
     dry_run: Optional[bool] = typer.Option(None, "--dry-run/--act", help="Only record what the policy would do."),
     lease_ttl: Optional[float] = typer.Option(None, help="Leader lease TTL in seconds (default 15): a standby takes over within it."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML with sections monitor, policy, refine, lease."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML with sections monitor, policy, refine, retention, lease."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Any key: --set policy.cooldown_s=300 (repeatable)."),
 ) -> None:
     """Run the controller: monitor passes, the retrain policy, refinements, gate, promotion, rollback."""
