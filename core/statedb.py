@@ -112,6 +112,7 @@ def _sqlite_pragmas(lock_timeout_s: float):
         # reuse their freed pages, and `driftloop log vacuum` converts them once)
         cur.execute("PRAGMA auto_vacuum=INCREMENTAL")
         cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer; crash-safe
+        cur.execute("PRAGMA journal_size_limit=67108864")  # a checkpointed WAL is cut back to 64 MiB (retention's bursts)
         cur.execute(f"PRAGMA synchronous={synchronous.upper()}")  # see sqlite_synchronous
         cur.execute(f"PRAGMA busy_timeout={int(lock_timeout_s * 1000)}")
         cur.execute("PRAGMA foreign_keys=ON")
