@@ -27,7 +27,8 @@ events = Table(
     Column("details", Text, nullable=False),
 )
 
-Kind = Literal["policy", "retrain_started", "retrain_succeeded", "retrain_failed", "gate", "promotion", "rollback", "bake_passed"]
+Kind = Literal["policy", "retrain_started", "retrain_succeeded", "retrain_failed", "gate", "promotion", "rollback", "bake_passed",
+               "log_forget"]
 KINDS: tuple[str, ...] = get_args(Kind)
 
 

@@ -25,6 +25,7 @@ from core import alias, registry
 from core.clikit import emit_json
 from core.errors import DriftloopError
 from core.home import configure_environment, driftloop_home
+from driftloop import log_cli
 from finetune import cli as finetune_cli
 from finetune.config import load_config
 from loop import cli as loop_cli
@@ -45,6 +46,7 @@ def _register_stages() -> None:
     service_cli.register(app)
     monitoring_cli.register(app)
     loop_cli.register(app)
+    log_cli.register(app)
     app.command("demo")(demo_command)
     app.command("replay")(replay_command)
 
