@@ -16,12 +16,16 @@ Start it with `driftloop serve` or `bentoml serve service.service:Classifier`.
 
 from __future__ import annotations
 
+import errno
 import logging
+import shutil
 import signal
+import sqlite3
 import sys
 import time
 import uuid
 from http import HTTPStatus
+from pathlib import Path
 from typing import Annotated
 
 from core.home import configure_environment
@@ -124,6 +128,49 @@ class FeedbackRequest(BaseModel):
         return data
 
 
+# What a full disk looks like from the prediction log's write, by engine: SQLite says "database or disk is
+# full" (SQLITE_FULL) where a write() met ENOSPC; Postgres answers SQLSTATE 53100 (disk_full: "could not
+# extend file ...: No space left on device"); a file system error may also surface as a bare OSError.
+DISK_FULL_MESSAGES = ("database or disk is full", "no space left on device", "could not extend file", "disk quota exceeded")
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+NEARLY_FULL_BYTES = 1 << 20  # SQLite hides ENOSPC behind "disk I/O error" where it grows its -shm: judged by the free space
+
+
+def _log_disk(engine) -> str | None:
+    """The directory holding a SQLite state DB, one line; None for a database server."""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:":
+        return None
+    return str(Path(database).resolve().parent).replace("\n", " ")
+
+
+def _disk_full(err: BaseException, sqlite_dir: str | None = None) -> bool:
+    """Whether a failed log write failed because its file system is full (anywhere in the exception chain)."""
+    seen, stack = set(), [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            return True
+        code = getattr(e, "sqlite_errorcode", None)
+        if code is not None and code & 0xFF == sqlite3.SQLITE_FULL:
+            return True
+        if getattr(e, "sqlstate", None) == "53100":  # psycopg: disk_full
+            return True
+        if any(m in str(e).lower() for m in DISK_FULL_MESSAGES):
+            return True
+        if code is not None and code & 0xFF == sqlite3.SQLITE_IOERR and sqlite_dir is not None:
+            try:
+                if shutil.disk_usage(sqlite_dir).free < NEARLY_FULL_BYTES:
+                    return True
+            except OSError:
+                pass
+        stack += [getattr(e, "orig", None), e.__cause__, e.__context__]
+    return False
+
+
 class ServiceUnavailable(bentoml.exceptions.BentoMLException):
     """503 with a readable reason: BentoML answers every 5xx with a generic body, so the reason is
     handed to the guard, which puts it back into the response (service/guard.py)."""
@@ -199,6 +246,11 @@ class Classifier:
                                     runtime=serving.predictor.runtime)
             except Exception as err:  # noqa: BLE001 - never answer a prediction we could not log
                 metrics.LOG_WRITE_FAILURES.inc()
+                where = _log_disk(self.engine)
+                if _disk_full(err, where):
+                    log.error("prediction log write failed: the disk is full (%s)", where or "the database server")
+                    raise ServiceUnavailable(f"the prediction log's disk is full: nothing was served; free space on "
+                                             f"{where or 'the database server'} (retention: driftloop log compact)") from None
                 log.error("prediction log write failed: %s", type(err).__name__)
                 raise ServiceUnavailable("the prediction log is unavailable; nothing was served, retry later") from None
             metrics.LOG_WRITE_SECONDS.observe(time.perf_counter() - started)

@@ -42,7 +42,10 @@ def _binary(name: str) -> str:
 def _dashboard_exprs() -> list[tuple[str, str, str]]:
     out = []
     for path in sorted((DEPLOY / "grafana" / "dashboards").glob("*.json")):
-        for panel in json.loads(path.read_text())["panels"]:
+        panels = json.loads(path.read_text())["panels"]
+        rows = [p for p in panels if p["type"] == "row"]
+        assert all(r["title"] and "targets" not in r for r in rows), f"{path.name}: a row without a title, or with queries"
+        for panel in [p for p in panels if p["type"] != "row"] + [c for r in rows for c in r.get("panels") or []]:
             for target in panel["targets"]:
                 out.append((path.name, panel["title"], target["expr"]))
     return out
@@ -52,7 +55,7 @@ def _alert_metric_names() -> set[str]:
     rules = yaml.safe_load((PROM_DIR / "alerts.yml").read_text())
     names = set()
     functions = {"sum", "rate", "increase", "histogram_quantile", "time", "absent", "vector", "by", "ignoring", "or", "and",
-                 "le", "on", "max", "min", "avg"}
+                 "le", "on", "max", "min", "avg", "predict_linear"}
     for group in rules["groups"]:
         for rule in group["rules"]:
             expr = re.sub(r"\{[^}]*\}", "", rule["expr"])  # drop label matchers

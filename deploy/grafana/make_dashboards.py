@@ -49,6 +49,26 @@ SERVING = ("driftloop-serving", "driftloop — serving", [
         ("sum(increase(driftloop_prediction_log_write_failures_total[$__rate_interval]))", "failed batches")]),
     ("Feedback labels per second", "short", [
         ("sum by (status) (rate(driftloop_feedback_total[$__rate_interval]))", "{{status}}")]),
+    # the log's size and retention, from the controller (every controller reads the same log: max/min, not sum)
+    "Prediction log",
+    ("Prediction log rows", "short", [("max(driftloop_log_rows)", "rows")]),
+    ("Prediction log bytes on disk and growth per day (last hour's slope)", "bytes", [
+        ("max(driftloop_log_bytes)", "on disk"),
+        ("max(deriv(driftloop_log_bytes[1h])) * 86400", "growth per day")]),
+    ("Free space on the log's disk (SQLite; the alert fires under 10 %)", "percentunit", [
+        ("min(driftloop_log_disk_free_bytes / driftloop_log_disk_size_bytes)", "free"),
+        ("vector(0.10)", "DriftloopLogDiskLow level (10 %)")]),
+    ("Age of the oldest row and oldest raw row, against retention", "d", [
+        ("(time() - min(driftloop_log_oldest_row_timestamp_seconds)) / 86400", "oldest row"),
+        ("(time() - min(driftloop_log_oldest_raw_row_timestamp_seconds)) / 86400", "oldest raw row (text, embedding)"),
+        ("max(driftloop_log_retention_seconds) / 86400", "retention.days"),
+        ("max(driftloop_log_raw_retention_seconds) / 86400", "retention.raw_days")]),
+    ("Rows pending compaction (past raw_days: held or not yet compacted)", "short", [
+        ("max(driftloop_log_rows_pending_compaction)", "pending")]),
+    ("Retention: rows compacted and deleted per second", "short", [
+        ("sum by (action) (rate(driftloop_log_retention_rows_total[$__rate_interval]))", "{{action}}")]),
+    ("Retention runs per hour by outcome", "short", [
+        ("sum by (outcome) (increase(driftloop_log_retention_runs_total[1h]))", "{{outcome}}")]),
 ])
 
 QUALITY = ("driftloop-model", "driftloop — model, drift and loop", [
@@ -83,13 +103,19 @@ QUALITY = ("driftloop-model", "driftloop — model, drift and loop", [
 
 
 def dashboard(uid: str, title: str, panels: list) -> dict:
-    """The dashboard's JSON model: timeseries panels, two per row (w 12, h 8; the builder places them)."""
+    """The dashboard's JSON model: timeseries panels, two per row (w 12, h 8; the builder places them);
+    a plain string in `panels` starts a titled row holding the panels after it (an expanded row: its
+    panels follow it at the top level, as Grafana itself saves them)."""
     board = (gdash.Dashboard(title).uid(uid).tags(["driftloop"]).timezone("utc").refresh("30s")
              .time("now-6h", "now").version(1)
              .variables([gdash.TextBoxVariable(name).label(label).default_value(default)
                          .current(VariableOption(text=default, value=default)) for name, label, default in VARIABLES])
              .links([gdash.DashboardLink(text).url(url).target_blank(True) for text, url in DASHBOARD_LINKS]))
-    for i, (panel_title, unit, targets) in enumerate(panels):
+    for i, entry in enumerate(panels):
+        if isinstance(entry, str):
+            board.with_row(gdash.Row(entry).id(i + 1))
+            continue
+        panel_title, unit, targets = entry
         panel = (timeseries.Panel().id(i + 1).title(panel_title).datasource(DATASOURCE).unit(unit).height(8).span(12)
                  .targets([prometheus.Dataquery().ref_id(chr(65 + j)).datasource(DATASOURCE).expr(expr).legend_format(legend)
                            for j, (expr, legend) in enumerate(targets)]))
