@@ -52,6 +52,7 @@ from sqlalchemy import (
     case,
     func,
     inspect,
+    or_,
     select,
     text as sql_text,
     update,
@@ -85,7 +86,24 @@ predictions = Table(
     Column("feedback_at", UTCDateTime()),
     Column("runtime", String(32)),  # what computed the row (core/runtimes.py); NULL: logged before this column, read as torch
                                     # (torch or onnx then, whose outputs match torch's within 1e-4)
+    Column("feedback_source", String(32)),  # how the label came: one of SOURCES; NULL: organic (before this column)
+    Column("feedback_annotator", String(255)),  # who gave it, when the annotation tool says so
 )
+
+# Where a label comes from. Labels a person was *asked* for because the model was unsure of them are
+# not a sample of the traffic: accuracy measured on them is biased (Farquhar et al., ICLR 2021), so
+# they train and nothing else. Every figure that moves production (realized accuracy, the estimate's
+# error, the gate's fresh items, the bake) reads only UNBIASED labels: organic feedback and the
+# uniformly random requested sample.
+ORGANIC, REQUESTED_RANDOM, REQUESTED_INFORMATIVE = "organic", "requested-random", "requested-informative"
+SOURCES = (ORGANIC, REQUESTED_RANDOM, REQUESTED_INFORMATIVE)
+UNBIASED = (ORGANIC, REQUESTED_RANDOM)
+
+
+def unbiased_label():
+    """SQL: the row's label, if any, is a random sample of its traffic (organic or requested at random)."""
+    c = predictions.c
+    return or_(c.feedback_source.is_(None), c.feedback_source.in_(UNBIASED))
 
 # Holds: log rows that retention must leave whole (text and embedding) until the need passes: a
 # running refinement's fresh rows and the reference it profiles, an unfinished bake's items. A hold
@@ -118,7 +136,7 @@ DROPPED_INDEXES = ("ix_predictions_model_created",)  # replaced by ix_prediction
 
 # Columns added after the table first shipped: (name, SQL type), all nullable, so an older log gains
 # them in place (one ALTER TABLE each, the same statement on SQLite and Postgres).
-ADDED_COLUMNS = (("runtime", "VARCHAR(32)"),)
+ADDED_COLUMNS = (("runtime", "VARCHAR(32)"), ("feedback_source", "VARCHAR(32)"), ("feedback_annotator", "VARCHAR(255)"))
 
 
 def ensure_schema(engine: Engine) -> None:
@@ -207,29 +225,35 @@ class FeedbackError(Exception):
         self.status = status
 
 
-def record_feedback(engine: Engine, items: Sequence[tuple[str, str]], known_labels_by_version) -> list[dict]:
-    """Join late labels to logged predictions, all in one transaction.
+def record_feedback(engine: Engine, items: Sequence[tuple[str, str]], known_labels_by_version, source: str = ORGANIC,
+                    annotator: str | None = None) -> list[dict]:
+    """Join late labels to logged predictions, all in one transaction: the one path every label takes
+    (`/feedback`, answers from the annotation tool, `driftloop labels import`).
 
     `known_labels_by_version(model_version)` returns the label names of the model that produced a
     prediction. Unknown request id → FeedbackError(404); unknown label → FeedbackError(422); the same
-    label again is a no-op (idempotent); a different label replaces the earlier one.
+    label from the same source again is a no-op (idempotent); a different label, or the same from
+    another source, replaces the earlier one (with its `source` and `annotator`: the newest answer
+    is the label, and its provenance says how it came).
     """
+    if source not in SOURCES:
+        raise ValueError(f"unknown label source {source!r}; one of {', '.join(SOURCES)}")
     now = dt.datetime.now(dt.timezone.utc)
     results = []
     with engine.begin() as conn:
         for request_id, label in items:
-            row = conn.execute(select(predictions.c.model_version, predictions.c.feedback_label)
+            row = conn.execute(select(predictions.c.model_version, predictions.c.feedback_label, predictions.c.feedback_source)
                                .where(predictions.c.request_id == request_id)).first()
             if row is None:
                 raise FeedbackError(404, f"unknown request_id {request_id!r}")
             labels = known_labels_by_version(row.model_version)
             if label not in labels:
                 raise FeedbackError(422, f"unknown label {label!r} for request_id {request_id!r}; expected one of {', '.join(labels)}")
-            if row.feedback_label == label:
+            if row.feedback_label == label and (row.feedback_source or ORGANIC) == source:
                 results.append({"request_id": request_id, "label": label, "status": "unchanged"})
                 continue
             conn.execute(update(predictions).where(predictions.c.request_id == request_id)
-                         .values(feedback_label=label, feedback_at=now))
+                         .values(feedback_label=label, feedback_at=now, feedback_source=source, feedback_annotator=annotator))
             results.append({"request_id": request_id, "label": label,
                             "status": "recorded" if row.feedback_label is None else "replaced"})
     return results
@@ -277,14 +301,14 @@ def recent_texts(engine: Engine, model_version: str, since_id: int | None, limit
 
 def labelled_after(engine: Engine, model_version: str, after: dt.datetime, limit: int) -> list[tuple[str, str, str]]:
     """(text, served label, feedback label) of `model_version`'s predictions logged after `after`
-    that received feedback, oldest first: the items a bake check pairs the old champion on."""
+    with an unbiased label (UNBIASED), oldest first: the items a bake check pairs the old champion on."""
     c = predictions.c
     first = first_id_at(engine, after)
     if first is None:
         return []
     q = (select(c.text, c.label, c.feedback_label)
          .where(c.model_version == model_version, c.feedback_label.is_not(None), c.id >= first, c.text.is_not(None),
-                c.created_at >= after)
+                c.created_at >= after, unbiased_label())
          .order_by(c.id).limit(limit))
     with engine.connect() as conn:
         return [(t, y, f) for t, y, f in conn.execute(q)]
@@ -299,7 +323,7 @@ def labelled_since_count(engine: Engine, model_version: str, after: dt.datetime,
     if first is None:
         return 0, 0
     base = select(c.id).where(c.model_version == model_version, c.feedback_label.is_not(None), c.id >= first,
-                              c.created_at >= after).order_by(c.id)
+                              c.created_at >= after, unbiased_label()).order_by(c.id)
     with engine.connect() as conn:
         return _capped_count(conn, base, cap), _capped_count(conn, base.where(c.text.is_not(None)), cap)
 
@@ -316,12 +340,12 @@ def texts_kept(engine: Engine, model_version: str, from_id: int = 0, sample: int
 
 
 def estimation_error(engine: Engine, model_version: str, limit: int = 5000) -> tuple[float | None, int]:
-    """(mean confidence − accuracy, n) over the newest `limit` labelled predictions of `model_version`:
-    how far the label-free estimate (mean calibrated confidence) is off on this model's own recent
-    traffic. Bounded, because the controller asks at every run and a model may serve for months."""
+    """(mean confidence − accuracy, n) over the newest `limit` predictions of `model_version` with an
+    unbiased label: how far the label-free estimate (mean calibrated confidence) is off on this
+    model's own recent traffic. Bounded, because the controller asks at every run and a model may serve for months."""
     c = predictions.c
     recent = (select(c.confidence.label("confidence"), case((c.label == c.feedback_label, 1.0), else_=0.0).label("hit"))
-              .where(c.model_version == model_version, c.feedback_label.is_not(None))
+              .where(c.model_version == model_version, c.feedback_label.is_not(None), unbiased_label())
               .order_by(c.id.desc()).limit(limit).subquery())
     q = select(func.avg(recent.c.confidence), func.avg(recent.c.hit), func.count())
     with engine.connect() as conn:
@@ -362,7 +386,8 @@ def window_rows(engine: Engine, model_version: str, *, last: int | None = 1000, 
     oldest first, with what a monitor window needs (monitoring/window.py builds the frame)."""
     c = predictions.c
     query = select(c.id, c.created_at, c.label, c.confidence, c.probs, c.truncated, c.embedding,
-                   c.feedback_label, c.runtime, *(c[name] for name in DESCRIPTOR_COLUMNS)).where(c.model_version == model_version)
+                   c.feedback_label, c.feedback_source, c.runtime,
+                   *(c[name] for name in DESCRIPTOR_COLUMNS)).where(c.model_version == model_version)
     if since is not None:
         first = first_id_at(engine, since)
         if first is None:
@@ -399,20 +424,22 @@ def labelled_count(engine: Engine, model_version: str, since: dt.datetime | None
         return _capped_count(conn, q, cap)
 
 
-def fresh_labelled(engine: Engine, model_version: str, since_id: int | None, limit: int) -> list[tuple[int, str, str]]:
-    """(log id, text, label) of labelled predictions of `model_version`, newest `limit`, deduplicated by
-    text, oldest first: a refinement's fresh rows."""
+def fresh_labelled(engine: Engine, model_version: str, since_id: int | None, limit: int) -> list[tuple[int, str, str, str]]:
+    """(log id, text, label, source) of labelled predictions of `model_version`, newest `limit`,
+    deduplicated by text, oldest first: a refinement's fresh rows (all of them train; only UNBIASED
+    ones may be gate items)."""
     c = predictions.c
-    q = (select(c.id, c.text, c.feedback_label).where(c.model_version == model_version, c.feedback_label.is_not(None),
-                                                       c.text.is_not(None)).order_by(c.id.desc()).limit(limit))
+    q = (select(c.id, c.text, c.feedback_label, c.feedback_source)
+         .where(c.model_version == model_version, c.feedback_label.is_not(None), c.text.is_not(None))
+         .order_by(c.id.desc()).limit(limit))
     if since_id is not None:
         q = q.where(c.id >= since_id)
     seen, out = set(), []
     with engine.connect() as conn:
-        for rid, text, label in conn.execute(q):
+        for rid, text, label, source in conn.execute(q):
             if text not in seen:
                 seen.add(text)
-                out.append((rid, text, label))
+                out.append((rid, text, label, source or ORGANIC))
     return out[::-1]
 
 

@@ -141,6 +141,17 @@ def allocate(budget: int, sizes: dict[str, int]) -> dict[str, int]:
     return out
 
 
+def split_fresh(fresh: list[tuple[int, str, str, str]], config: RefineConfig) -> tuple[list, list]:
+    """(training rows, gate items) from a refinement's fresh labelled rows (id, text, label, source).
+    Gate items come only from unbiased labels (organic, requested at random): a gate scored on the
+    items the model was least sure of would judge both models on a sample chosen against the champion
+    (core/predlog.py UNBIASED). Informative labels all train."""
+    unbiased = [r for r in fresh if r[3] in predlog.UNBIASED]
+    informative = [r for r in fresh if r[3] not in predlog.UNBIASED]
+    train, gate = stratified_split(unbiased, key=lambda r: r[2], fraction=config.gate_fraction, seed=config.seed)
+    return sorted(train + informative), gate
+
+
 def replay_rows(chain: list[RegisteredModel], label_names: list[str], budget: int, exclude: set[str],
                 seed: int) -> tuple[list[Row], dict[str, int]]:
     """Rows replayed from every generation in `chain` (minus `exclude`d texts), and how many from each."""
@@ -187,8 +198,8 @@ def _run(engine: Engine, config: RefineConfig, *, trigger: str, since_id: int | 
     if len(fresh) < config.min_fresh_labels:
         raise DriftloopError(f"only {len(fresh)} fresh labelled predictions of {champion.tag} with text"
                              f"{f' since log id {since_id}' if since_id else ''} (< {config.min_fresh_labels})")
-    fresh_train, gate_rows = stratified_split(fresh, key=lambda r: r[2], fraction=config.gate_fraction, seed=config.seed)
-    gate_texts = {t for _, t, _ in gate_rows}
+    fresh_train, gate_rows = split_fresh(fresh, config)
+    gate_texts = {t for _, t, _, _ in gate_rows}
 
     chain = ancestry(champion)
     budget = int(round(len(fresh_train) * config.replay_ratio))
@@ -197,7 +208,7 @@ def _run(engine: Engine, config: RefineConfig, *, trigger: str, since_id: int | 
         log.warning("no replay rows from any of %d ancestor generation(s)", len(chain))
     pseudo = predlog.confident_unlabelled(engine, champion.tag, since_id, config.self_training_min_confidence,
                                   config.self_training_max_rows) if config.self_training else []
-    own = [(t, y) for _, t, y in fresh_train]
+    own = [(t, y) for _, t, y, _ in fresh_train]
     mix = own + replay + [(t, y) for t, y in pseudo if t not in gate_texts and t not in suite_texts]
     own_ref, mix_ref = data_store.put(own), data_store.put(mix)
 
@@ -231,10 +242,10 @@ def _run(engine: Engine, config: RefineConfig, *, trigger: str, since_id: int | 
     choice = runtimes.serving_choice(config.serving_runtime, config.int8_tolerance_pt,
                                      observed=predlog.recent_runtime(engine, champion.tag))
     chall_pred = Predictor(fitted.model, fitted.tokenizer, label_names, max_length=cfg.model.max_length)
-    items = {"fresh": ([t for _, t, _ in gate_rows], [y for _, _, y in gate_rows]),
+    items = {"fresh": ([t for _, t, _, _ in gate_rows], [y for _, _, y, _ in gate_rows]),
              "suite": ([t for t, _ in suite], [y for _, y in suite])}
     torch_flags = {name: correct_flags(chall_pred, texts, labels) for name, (texts, labels) in items.items()}
-    new_suite = suite + [(t, y) for _, t, y in gate_rows]
+    new_suite = suite + [(t, y) for _, t, y, _ in gate_rows]
     suite_ref = data_store.put(new_suite)
     chall_suite_correct = np.concatenate([torch_flags["suite"], torch_flags["fresh"]])
 
@@ -242,7 +253,7 @@ def _run(engine: Engine, config: RefineConfig, *, trigger: str, since_id: int | 
     ref_texts = predlog.recent_texts(engine, champion.tag, since_id, config.reference_rows)
     reference = None
     if len(ref_texts) >= config.min_reference_rows:
-        known = {t: label_names.index(y) for _, t, y in fresh}
+        known = {t: label_names.index(y) for _, t, y, _ in fresh}
         preds = predict_calibrated(cfg, fitted, label_names, ref_texts, ev.temperature)
         reference = (ref_texts, [known.get(t) for t in ref_texts], preds)
         profile_source = f"newest {len(ref_texts)} texts served by {champion.tag}" + (f" from log id {since_id}" if since_id else "")
@@ -262,6 +273,7 @@ def _run(engine: Engine, config: RefineConfig, *, trigger: str, since_id: int | 
     refinement = {
         "trigger": trigger, "parent": champion.tag, "since_id": since_id, "monitor_runs": monitor_runs or [],
         "fresh_labels": len(fresh), "fresh_train": len(fresh_train), "gate_items": len(gate_rows),
+        "fresh_by_source": {src: sum(1 for r in fresh if r[3] == src) for src in predlog.SOURCES},
         "fresh_log_ids": [fresh[0][0], fresh[-1][0]], "replay_rows": len(replay), "self_training_rows": len(pseudo),
         "refine_config": config.model_dump(mode="json"), "weight_averaging": averaging,
     }

@@ -158,6 +158,9 @@ def quality(reference: Reference, window: Window, config: MonitorConfig) -> dict
         "estimated_accuracy": estimated,
         "estimated_accuracy_lower": max(0.0, estimated - 1.96 * est_se), "estimated_accuracy_upper": min(1.0, estimated + 1.96 * est_se),
         "labelled": n, "min_labels": config.min_labels,
+        # every label in the window by provenance (core/predlog.py SOURCES); only unbiased ones are in `labelled`
+        "labelled_by_source": ({str(k): int(v) for k, v in frame["label_source"].value_counts().items()}
+                               if "label_source" in frame else {}),
         "realized_accuracy": math.nan, "realized_accuracy_lower": math.nan, "realized_accuracy_upper": math.nan,
         "realized_f1_macro": math.nan, "realized_f1_macro_lower": math.nan, "realized_f1_macro_upper": math.nan,
         "estimated_accuracy_labelled": math.nan, "estimation_error": math.nan,

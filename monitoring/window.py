@@ -25,7 +25,8 @@ class Window:
     """Rows of the prediction log, oldest first, plus their embeddings (row i ↔ embeddings[i])."""
 
     model_version: str
-    frame: pd.DataFrame  # id, created_at, prediction, confidence, prob_<label>..., descriptors, truncated, label (feedback or NaN), runtime
+    frame: pd.DataFrame  # id, created_at, prediction, confidence, prob_<label>..., descriptors, truncated,
+                         # label (an unbiased feedback label or NaN), label_source (any label's source), runtime
     embeddings: np.ndarray  # (n, d) float32; rows logged without an embedding are left out of the embedding test
 
     other_runtime_rows: int = 0  # rows of the span left out: computed by another runtime than the window's
@@ -77,7 +78,10 @@ def load(engine: Engine, model_version: str, label_names: list[str], *, last: in
         "prediction": [r.label for r in rows],
         "confidence": np.array([r.confidence for r in rows], dtype=float),
         "truncated": [bool(r.truncated) for r in rows],
-        "label": [r.feedback_label for r in rows],
+        # quality is measured on unbiased labels only: a label asked for because the model was unsure
+        # is not a sample of the window (core/predlog.py UNBIASED); it trains, and is counted apart
+        "label": [r.feedback_label if (r.feedback_source or predlog.ORGANIC) in predlog.UNBIASED else None for r in rows],
+        "label_source": [(r.feedback_source or predlog.ORGANIC) if r.feedback_label is not None else None for r in rows],
         "runtime": [r.runtime or "torch" for r in rows],
     })
     probs = [json.loads(r.probs) for r in rows]
