@@ -339,6 +339,18 @@ def texts_kept(engine: Engine, model_version: str, from_id: int = 0, sample: int
     return None if not n else bool(with_text)
 
 
+def unbiased_accuracy(engine: Engine, model_version: str, first_id: int, limit: int = 5000) -> tuple[float | None, int]:
+    """(accuracy, n) of `model_version` on its newest `limit` rows from `first_id` on with an unbiased
+    label (UNBIASED): the realized accuracy of a drift streak, which outlives any one window."""
+    c = predictions.c
+    recent = (select(case((c.label == c.feedback_label, 1.0), else_=0.0).label("hit"))
+              .where(c.model_version == model_version, c.feedback_label.is_not(None), c.id >= first_id, unbiased_label())
+              .order_by(c.id.desc()).limit(limit).subquery())
+    with engine.connect() as conn:
+        acc, n = conn.execute(select(func.avg(recent.c.hit), func.count())).one()
+    return (None if not n else float(acc)), int(n)
+
+
 def estimation_error(engine: Engine, model_version: str, limit: int = 5000) -> tuple[float | None, int]:
     """(mean confidence − accuracy, n) over the newest `limit` predictions of `model_version` with an
     unbiased label: how far the label-free estimate (mean calibrated confidence) is off on this
@@ -441,6 +453,23 @@ def fresh_labelled(engine: Engine, model_version: str, since_id: int | None, lim
                 seen.add(text)
                 out.append((rid, text, label, source or ORGANIC))
     return out[::-1]
+
+
+def unlabelled(engine: Engine, model_version: str, first_id: int, last_id: int | None = None, limit: int = 5000,
+               with_embedding: bool = False) -> list[Row]:
+    """Newest-first unlabelled predictions of `model_version` with text, ids in [first_id, last_id]:
+    what a label request may ask about (id, request_id, text_sha256, probs, and the embedding if
+    asked). Bounded by the id range and `limit`."""
+    c = predictions.c
+    columns = [c.id, c.request_id, c.text_sha256, c.probs] + ([c.embedding] if with_embedding else [])
+    q = (select(*columns).where(c.model_version == model_version, c.id >= first_id, c.feedback_label.is_(None),
+                                c.text.is_not(None)).order_by(c.id.desc()).limit(limit))
+    if last_id is not None:
+        q = q.where(c.id <= last_id)
+    if with_embedding:
+        q = q.where(c.embedding.is_not(None))
+    with engine.connect() as conn:
+        return conn.execute(q).all()
 
 
 def confident_unlabelled(engine: Engine, model_version: str, since_id: int | None, min_conf: float,

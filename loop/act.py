@@ -12,6 +12,8 @@ import datetime as dt
 from sqlalchemy.engine import Engine
 
 from core import alias, audit, predlog
+from labels.config import LabelsConfig
+from loop.ask import ask
 from loop.bake import ShadowScorer, bake_check, in_bake
 from loop.lease import Fence
 from loop.policy import PolicyConfig, Signals, decide
@@ -34,15 +36,24 @@ def drift_streak(engine: Engine, version: str) -> tuple[int | None, list[int]]:
     return first, runs[::-1]
 
 
-def gather_signals(engine: Engine, verdict: Verdict, jobs: RefineJobs, now: dt.datetime | None = None) -> Signals:
-    """The policy's inputs: this pass's quality and reference, and the loop's history in the state DB."""
+def gather_signals(engine: Engine, verdict: Verdict, jobs: RefineJobs, now: dt.datetime | None = None,
+                   min_labels: int | None = None) -> Signals:
+    """The policy's inputs: this pass's quality and reference, and the loop's history in the state DB.
+    When the window holds fewer than `min_labels` unbiased labels, the realized accuracy is read over
+    the whole drift streak instead: a confirmation sample's answers arrive after its window has moved
+    on, and they are a uniform sample of the streak's traffic all the same."""
     now = now or dt.datetime.now(dt.timezone.utc)
     version = verdict.model_version
     q = verdict.quality
+    realized, labelled = q.realized_accuracy, q.labelled
     last = audit.last(engine, "retrain_started")
     last_at = dt.datetime.fromisoformat(last["at"]) if last else None
     # count the labels a refinement would train on: those of the current drift streak (else since the last retrain)
     streak_start, _ = drift_streak(engine, version)
+    if min_labels is not None and labelled < min_labels and streak_start is not None:
+        streak_accuracy, streak_n = predlog.unbiased_accuracy(engine, version, streak_start)
+        if streak_n > labelled:
+            realized, labelled = streak_accuracy, streak_n
     # the estimate's error: on this window's labelled rows when the pass measured it, else on all of this model's
     if q.estimation_error is not None:
         error, error_n = q.estimation_error, q.labelled
@@ -50,7 +61,7 @@ def gather_signals(engine: Engine, verdict: Verdict, jobs: RefineJobs, now: dt.d
         error, error_n = predlog.estimation_error(engine, version)
     return Signals(
         now=now, consecutive_drift=store.consecutive_drift(engine, version),
-        realized_accuracy=q.realized_accuracy, labelled_in_window=q.labelled,
+        realized_accuracy=realized, labelled_in_window=labelled,
         estimated_accuracy=q.estimated_accuracy, reference_accuracy=verdict.reference_accuracy,
         # with text: a refinement trains on texts, so labels of a hash-only log never make one start
         new_labels=predlog.labelled_count(engine, version, last_at, streak_start, with_text=True), last_retrain_at=last_at,
@@ -61,10 +72,11 @@ def gather_signals(engine: Engine, verdict: Verdict, jobs: RefineJobs, now: dt.d
 
 
 def after_pass(engine: Engine, verdict: Verdict, policy: PolicyConfig, refine: RefineConfig, jobs: RefineJobs, *,
-               fence: Fence | None = None, scorer: ShadowScorer | None = None) -> dict:
-    """Bake check, then the policy on this pass's signals; may start a refinement in `jobs`. Returns
-    the decision. `fence` is the leader's term (None for a lone process such as a test); `scorer`
-    keeps the bake's shadow model between passes."""
+               fence: Fence | None = None, scorer: ShadowScorer | None = None, labels: LabelsConfig | None = None) -> dict:
+    """Bake check, then the policy on this pass's signals; may start a refinement in `jobs`, or ask
+    for the labels the policy lacks (loop/ask.py, when `labels` is given). Returns the decision.
+    `fence` is the leader's term (None for a lone process such as a test); `scorer` keeps the bake's
+    shadow model between passes."""
     version = verdict.model_version
     current = alias.current(engine=engine)
     if current is None or current.tag != version or not verdict.has_verdict:
@@ -78,14 +90,18 @@ def after_pass(engine: Engine, verdict: Verdict, policy: PolicyConfig, refine: R
         decision = {"action": "skip", "reason": "rolled back the new champion (bake failed)"}
         audit.record(engine, "policy", version, run_id=verdict.run_id, **decision)
         return decision
-    signals = gather_signals(engine, verdict, jobs)
+    signals = gather_signals(engine, verdict, jobs, min_labels=policy.min_labels)
     d = decide(signals, policy)
     out = {**d.to_json(), "signals": signals.to_json(), "run_id": verdict.run_id}
+    since_id, runs = drift_streak(engine, version)
     if d.action == "retrain" and not d.dry_run:
-        since_id, runs = drift_streak(engine, version)
         if policy.mode in ("schedule", "performance"):
             since_id = None
         started = jobs.start(engine, refine, d.reason, version, since_id, runs, fence=fence)
         out["started"] = started
+    elif labels is not None and not d.dry_run:
+        asked = ask(engine, verdict, signals, d, policy, labels, since_id)
+        if asked:
+            out["labels_asked"] = asked
     audit.record(engine, "policy", version, **out)
     return out

@@ -37,6 +37,7 @@ from starlette.routing import Route
 from core import alias, audit, predlog, retention
 from core.errors import DriftloopError
 from core.retention import RetentionConfig
+from labels.config import LabelsConfig
 from core.home import state_db_url
 from core.statedb import get_engine
 from loop import act
@@ -68,6 +69,7 @@ class ControllerSettings(BaseModel):
     policy: PolicyConfig = PolicyConfig()
     refine: RefineConfig = RefineConfig()
     retention: RetentionConfig = RetentionConfig()
+    labels: LabelsConfig = LabelsConfig()
     lease: LeaseSettings = Field(default_factory=LeaseSettings)
 
     @model_validator(mode="after")
@@ -76,10 +78,18 @@ class ControllerSettings(BaseModel):
         if self.policy.mode != "manual" and 0 < self.policy.min_new_labels < self.refine.min_fresh_labels:
             raise ValueError(f"policy.min_new_labels {self.policy.min_new_labels} < refine.min_fresh_labels "
                              f"{self.refine.min_fresh_labels}: the policy would start refinements that refuse to run")
+        if self.labels.enabled and self.policy.mode != "manual":
+            if self.labels.confirm_max < self.policy.min_labels:
+                raise ValueError(f"labels.confirm_max {self.labels.confirm_max} < policy.min_labels {self.policy.min_labels}: "
+                                 "a confirmation sample could never confirm a drop on its own")
+            if self.labels.per_refinement < self.refine.min_fresh_labels:
+                raise ValueError(f"labels.per_refinement {self.labels.per_refinement} < refine.min_fresh_labels "
+                                 f"{self.refine.min_fresh_labels}: a training batch could never start a refinement on its own")
         return self
 
 
-def monitor_job(monitor: dict, policy: dict | None = None, refine: dict | None = None, holder: str | None = None) -> None:
+def monitor_job(monitor: dict, policy: dict | None = None, refine: dict | None = None, holder: str | None = None,
+                labels: dict | None = None) -> None:
     """The scheduled monitor pass, then the loop's policy on it.
 
     A module-level function with plain-data arguments because the persistent job store keeps the job
@@ -112,7 +122,8 @@ def monitor_job(monitor: dict, policy: dict | None = None, refine: dict | None =
             log.warning("not the leader (any more): monitor pass %s stored, policy not applied", verdict.run_id)
         else:
             act.after_pass(engine, verdict, PolicyConfig.model_validate(policy), RefineConfig.model_validate(refine or {}),
-                           lead.refinements, fence=lead.fence(), scorer=lead.shadow)
+                           lead.refinements, fence=lead.fence(), scorer=lead.shadow,
+                           labels=LabelsConfig.model_validate(labels) if labels is not None else None)
     except DriftloopError as err:
         log.info("monitor pass skipped: %s", err)
     except Exception:
@@ -308,7 +319,8 @@ def build_scheduler(settings: ControllerSettings, holder: str | None = None):
     )
     scheduler.add_job(monitor_job, "interval", seconds=settings.monitor_interval_s, id="monitor", name="monitor pass",
                       replace_existing=True, kwargs={"monitor": settings.monitor.model_dump(), "policy": settings.policy.model_dump(),
-                                                     "refine": settings.refine.model_dump(), "holder": holder})
+                                                     "refine": settings.refine.model_dump(), "holder": holder,
+                                                     "labels": settings.labels.model_dump()})
     # always scheduled (replacing a stored one): with retention.enabled false the job does nothing
     scheduler.add_job(retention_job, "interval", seconds=settings.retention.interval_s, id="retention", name="log retention",
                       replace_existing=True, kwargs={"retention_config": settings.retention.model_dump()},

@@ -166,8 +166,29 @@ def decide(s: Signals, c: PolicyConfig) -> Decision:
             return skip(f"cooldown: last retrain {since:.0f}s ago (< {c.cooldown_s:.0f}s); trigger was: {trigger}")
     checks["new_labels"] = s.new_labels
     if s.new_labels < c.min_new_labels:
+        checks["labels_needed"] = c.min_new_labels - s.new_labels  # warranted but for labels: the loop may ask for them
         return skip(f"only {s.new_labels} new labels (< {c.min_new_labels}); trigger was: {trigger}")
     checks["retrains_last_24h"] = s.retrains_last_24h
     if s.retrains_last_24h >= c.max_retrains_per_day:
         return skip(f"cap: {s.retrains_last_24h} retrains in the last 24 h; trigger was: {trigger}")
     return Decision("retrain", trigger, c.dry_run, checks)
+
+
+def confirmation_size(s: Signals, c: PolicyConfig) -> int | None:
+    """How many uniformly sampled labels of the drifted traffic let `_performance_drop` decide, by
+    its own interval arithmetic: with the accuracy the label-free estimate anticipates (a), the
+    one-sided margin z·sqrt(var(reference) + a(1-a)/n) must fall inside the gap between the
+    anticipated drop and the tolerance: below the drop when it is at least the tolerance (then the
+    labels can confirm it), below tolerance − drop when it is smaller (then they can refute it).
+    At least `min_labels`; None when no n can decide (the reference's own interval is wider than
+    the gap): then asking would spend the budget on nothing."""
+    if s.reference_accuracy is None:
+        return None
+    anticipated = s.estimated_accuracy if s.estimated_accuracy is not None else s.reference_accuracy
+    anticipated = min(max(anticipated, 0.01), 0.99)
+    drop = s.reference_accuracy - anticipated
+    gap = drop if drop >= c.tolerance else c.tolerance - drop
+    room = (gap / norm.isf(c.alpha)) ** 2 - _binomial_var(s.reference_accuracy, s.reference_n)
+    if room <= 0:
+        return None
+    return max(c.min_labels, math.ceil(anticipated * (1 - anticipated) / room))

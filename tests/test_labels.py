@@ -1,0 +1,208 @@
+"""Label requests: the budget, the two kinds of selection, answers through the /feedback path, and
+the loop asking after a pass (labels/, loop/ask.py)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+LABELS = ["negative", "positive"]
+UTC = dt.timezone.utc
+
+
+def _rows(n: int, start: int, rng: np.random.Generator, positive_share: float = 0.5):
+    from core.descriptors import DESCRIPTOR_COLUMNS
+    from core.predlog import LoggedPrediction
+
+    out = []
+    for i in range(n):
+        p = float(rng.uniform(0.5, 1.0))
+        label = "positive" if rng.random() < positive_share else "negative"
+        probs = {label: p, ("negative" if label == "positive" else "positive"): 1 - p}
+        out.append(LoggedPrediction(request_id=f"{start + i:032x}", text=f"text {start + i}", label=label, confidence=p,
+                                    probs=probs, descriptors=dict.fromkeys(DESCRIPTOR_COLUMNS, 1.0), truncated=False,
+                                    embedding=rng.normal(size=8).astype(np.float32) + (4.0 if i % 2 else -4.0)))
+    return out
+
+
+@pytest.fixture()
+def log(db_url):
+    """600 unlabelled predictions of m:1 (two clusters of embeddings)."""
+    from core import predlog
+    from core.statedb import get_engine
+    from labels import requests
+
+    engine = get_engine(db_url)
+    predlog.ensure_schema(engine)
+    requests.ensure_schema(engine)
+    rng = np.random.default_rng(0)
+    for b in range(6):
+        predlog.write_batch(engine, "m:1", _rows(100, b * 100, rng))
+    return engine
+
+
+def test_the_budget_is_never_exceeded(log):
+    from labels import requests
+    from labels.config import LabelsConfig
+
+    config = LabelsConfig(per_day=120, per_refinement=50, confirm_max=60)
+    rng = random.Random(0)
+    ids = list(range(1, 601))
+    rng.shuffle(ids)
+    now = dt.datetime.now(UTC)
+    for step in range(30):  # many callers, mixed purposes, over 12 hours
+        chunk = [requests.Candidate(i, f"{i - 1:032x}") for i in ids[step * 20:(step + 1) * 20]]
+        purpose = rng.choice(["confirmation", "training"])
+        requests.create(log, chunk, model_version="m:1", kind="random", purpose=purpose, reason="test", config=config,
+                        now=now + dt.timedelta(minutes=24 * step))
+        with log.connect() as conn:
+            assert requests.used_today(conn, now + dt.timedelta(minutes=24 * step)) <= 120
+            assert requests.used_for_training(conn, None) <= 50
+    summary = requests.summary(log, config, now=now + dt.timedelta(minutes=24 * 29))
+    assert summary["asked"] == 120 and summary["pending"] == 120 and summary["budget_left_today"] == 0
+    # a day later the budget is back; a prediction is never asked about twice
+    later = now + dt.timedelta(hours=36)
+    again = requests.create(log, [requests.Candidate(i, f"{i - 1:032x}") for i in ids[:200]], model_version="m:1", kind="random",
+                            purpose="confirmation", reason="test", config=config, now=later)
+    assert again.already_asked > 0 and again.created == min(120, 200 - again.already_asked)
+    assert again.already_asked + again.created + again.refused_by_budget == 200
+    with log.connect() as conn:
+        assert requests.used_today(conn, later) == again.created <= 120
+
+
+def test_impossible_settings_are_refused_in_one_line():
+    from labels.config import LabelsConfig
+    from loop.controller import ControllerSettings
+
+    with pytest.raises(ValueError, match="per_refinement 500 > labels.per_day 300"):
+        LabelsConfig(per_refinement=500)
+    with pytest.raises(ValueError, match="confirm_max 400 > labels.per_day 300"):
+        LabelsConfig(confirm_max=400)
+    with pytest.raises(ValueError, match="labels.confirm_max 20 < policy.min_labels 50"):
+        ControllerSettings.model_validate({"labels": {"confirm_max": 20}})
+    with pytest.raises(ValueError, match="labels.per_refinement 50 < refine.min_fresh_labels"):
+        ControllerSettings.model_validate({"labels": {"per_refinement": 50}})
+    ControllerSettings.model_validate({"labels": {"per_refinement": 50, "enabled": False}})  # off: nothing to check
+
+
+def test_a_confirmation_sample_is_uniform_over_the_window_and_unlabelled(log):
+    from core import predlog
+    from labels import select
+
+    predlog.record_feedback(log, [(f"{i:032x}", "positive") for i in range(200, 260)], lambda v: LABELS)
+    picked = select.random_sample(log, "m:1", 101, 400, 100, seed=1)
+    ids = [c.log_id for c in picked]
+    assert len(ids) == 100 == len(set(ids)) and all(101 <= i <= 400 for i in ids)
+    assert not set(ids) & set(range(201, 261)), "labelled rows are not asked about again"
+    assert 35 < sum(1 for i in ids if i <= 250) < 65  # both halves of the window (uniform: 47 expected)
+    assert [c.log_id for c in select.random_sample(log, "m:1", 101, 400, 100, seed=1)] == ids  # reproducible
+
+
+def test_an_informative_batch_takes_the_least_sure_of_each_cluster_and_each_text_once(log):
+    from core import predlog
+    from labels import select
+
+    rows = {r.id: r for r in predlog.unlabelled(log, "m:1", 1, limit=1000, with_embedding=True)}
+    picked = select.informative_batch(log, "m:1", 1, 10, pool_rows=1000)
+    assert len(picked) == 10 and len({c.log_id for c in picked}) == 10
+    margins = [select.margin(json.loads(rows[c.log_id].probs)) for c in picked]
+    all_margins = sorted(select.margin(json.loads(r.probs)) for r in rows.values())
+    assert np.mean(margins) < np.percentile(all_margins, 10), "the batch is among the least sure rows"
+    clusters = {json.loads(c.score)["cluster"] for c in picked}
+    assert len(clusters) == 10, "one per cluster"
+    sides = {int(np.frombuffer(rows[c.log_id].embedding, dtype=np.float32).mean() > 0) for c in picked}
+    assert sides == {0, 1}, "spread over both regions of the embedding space, not piled on one"
+    assert select.margin({"a": 0.5, "b": 0.5}) == 0 and select.margin({"a": 0.9, "b": 0.1}) == pytest.approx(0.8)
+
+
+def test_duplicate_changed_late_and_skipped_answers(log):
+    from sqlalchemy import select as sql_select
+
+    from core import predlog
+    from labels import answers, requests
+    from labels.config import LabelsConfig
+
+    config = LabelsConfig(request_ttl_h=1)
+    old = dt.datetime.now(UTC) - dt.timedelta(hours=3)
+    requests.create(log, [requests.Candidate(i, f"{i - 1:032x}") for i in (1, 2, 3)], model_version="m:1", kind="random",
+                    purpose="confirmation", reason="t", config=config, now=old)
+    requests.create(log, [requests.Candidate(4, f"{3:032x}")], model_version="m:1", kind="informative", purpose="training",
+                    reason="t", config=config)
+    assert requests.expire(log, config) == 3  # 1, 2, 3 are past their TTL
+    names = {"m:1": LABELS}
+    first = answers.apply(log, [answers.Answer(f"{0:032x}", "positive", annotator="ann"),  # late: still taken
+                                answers.Answer(f"{1:032x}", None, skipped=True, annotator="ann"),
+                                answers.Answer(f"{3:032x}", "negative", annotator="bob"),
+                                answers.Answer("f" * 32, "positive"),
+                                answers.Answer(f"{2:032x}", "neutral")], label_names=names)
+    assert (first.recorded, first.skipped) == (2, 1)
+    assert len(first.refused) == 2 and "not a label request" in first.refused[0] and "unknown label" in first.refused[1]
+    again = answers.apply(log, [answers.Answer(f"{0:032x}", "positive", annotator="ann")], label_names=names)
+    assert again.unchanged == 1
+    changed = answers.apply(log, [answers.Answer(f"{0:032x}", "negative", annotator="ann")], label_names=names)
+    assert changed.replaced == 1
+    c = predlog.predictions.c
+    with log.connect() as conn:
+        rows = {r.request_id: r for r in conn.execute(sql_select(c.request_id, c.feedback_label, c.feedback_source, c.feedback_annotator))}
+    assert tuple(rows[f"{0:032x}"][1:]) == ("negative", "requested-random", "ann")
+    assert rows[f"{1:032x}"].feedback_label is None, "a skip is never a label"
+    assert tuple(rows[f"{3:032x}"][1:]) == ("negative", "requested-informative", "bob")
+    assert requests.lookup(log, f"{1:032x}")["status"] == "skipped" and requests.lookup(log, f"{0:032x}")["status"] == "answered"
+    summary = requests.summary(log, config)
+    assert (summary["answered"], summary["skipped"], summary["expired"], summary["pending"]) == (2, 1, 1, 0)
+
+
+def test_confirmation_size_follows_the_policys_interval_arithmetic():
+    from loop.policy import PolicyConfig, Signals, _performance_drop, confirmation_size
+
+    policy = PolicyConfig()
+    base = dict(now=dt.datetime.now(UTC), consecutive_drift=2, new_labels=0, last_retrain_at=None, retrains_last_24h=0,
+                reference_accuracy=0.85, reference_n=1000, labelled_in_window=0, realized_accuracy=None)
+    harmful = Signals(**base, estimated_accuracy=0.70)
+    n = confirmation_size(harmful, policy)
+    assert n == policy.min_labels  # a 15-point drop is decided by the minimum
+    benign = Signals(**base, estimated_accuracy=0.80)
+    n_benign = confirmation_size(benign, policy)
+    assert n_benign > n
+    # with n labels at the anticipated accuracy, the policy's own test decides (confirms the drop)
+    for signals, size in ((harmful, n), (benign, n_benign)):
+        at = Signals(**{**base, "labelled_in_window": size, "realized_accuracy": signals.estimated_accuracy},
+                     estimated_accuracy=signals.estimated_accuracy)
+        assert _performance_drop(at, policy)[0], (size, _performance_drop(at, policy)[1])
+        fewer = Signals(**{**base, "labelled_in_window": int(size * 0.6), "realized_accuracy": signals.estimated_accuracy},
+                        estimated_accuracy=signals.estimated_accuracy)
+        if size > policy.min_labels:
+            assert not _performance_drop(fewer, policy)[0], "fewer labels than the size would not have decided"
+    # no n decides when the reference itself is too uncertain for the gap
+    assert confirmation_size(Signals(**{**base, "reference_n": 20}, estimated_accuracy=0.84), policy) is None
+
+
+def test_the_loop_asks_for_a_confirmation_sample_then_a_training_batch(log):
+    from labels import requests
+    from labels.config import LabelsConfig
+    from loop.ask import ask
+    from loop.policy import Decision, PolicyConfig, Signals
+
+    config, policy = LabelsConfig(per_day=300, per_refinement=120), PolicyConfig()
+    verdict = SimpleNamespace(model_version="m:1", run_id=7, drift=True, window_first_id=101, window_last_id=600)
+    signals = Signals(now=dt.datetime.now(UTC), consecutive_drift=1, realized_accuracy=None, labelled_in_window=0,
+                      estimated_accuracy=0.70, reference_accuracy=0.85, reference_n=1000, new_labels=0, last_retrain_at=None,
+                      retrains_last_24h=0)
+    unconfirmed = Decision("skip", "drift not confirmed by performance", checks={"drift": False, "performance_drop": False})
+    asked = ask(log, verdict, signals, unconfirmed, policy, config, streak_start=101)
+    assert asked["confirmation"]["created"] == asked["confirmation"]["needed"] == 50
+    assert ask(log, verdict, signals, unconfirmed, policy, config, streak_start=101) == {}, "one open batch at a time"
+
+    warranted = Decision("skip", "only 0 new labels (< 100)", checks={"drift": True, "performance_drop": True, "labels_needed": 100})
+    asked = ask(log, verdict, signals, warranted, policy, config, streak_start=101)
+    training = asked["training"]
+    assert training["random"]["created"] == 30 and training["informative"]["created"] == 70  # random_share 0.3
+    summary = requests.summary(log, config)
+    assert summary["by_kind"]["random"]["pending"] == 80 and summary["by_kind"]["informative"]["pending"] == 70
+    assert ask(log, verdict, signals, warranted, policy, config, streak_start=101) == {}
+    assert ask(log, verdict, signals, warranted, policy, LabelsConfig(enabled=False), streak_start=101) == {}
