@@ -27,6 +27,7 @@ from core.errors import DriftloopError
 from core.home import configure_environment, driftloop_home
 from driftloop import log_cli
 from finetune import cli as finetune_cli
+from labels import cli as labels_cli
 from finetune.config import load_config
 from loop import cli as loop_cli
 from monitoring import cli as monitoring_cli
@@ -47,6 +48,7 @@ def _register_stages() -> None:
     monitoring_cli.register(app)
     loop_cli.register(app)
     log_cli.register(app)
+    labels_cli.register(app)
     app.command("demo")(demo_command)
     app.command("replay")(replay_command)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.engine import Engine
 
 from core import predlog, registry
+from core.errors import DriftloopError
 from labels import requests
 
 
@@ -64,7 +65,7 @@ def apply(engine: Engine, answers: list[Answer], label_names: dict[str, list[str
         try:
             (result,) = predlog.record_feedback(engine, [(answer.request_id, answer.label)], labels_of,
                                                 source=requests.KINDS[request["kind"]], annotator=answer.annotator)
-        except predlog.FeedbackError as err:
+        except (predlog.FeedbackError, DriftloopError) as err:  # unknown label; the model gone from the store
             out.refused.append(f"{answer.request_id}: {err}")
             continue
         requests.close(engine, answer.request_id, "answered", answer.label, answer.annotator)

@@ -206,3 +206,48 @@ def test_the_loop_asks_for_a_confirmation_sample_then_a_training_batch(log):
     assert summary["by_kind"]["random"]["pending"] == 80 and summary["by_kind"]["informative"]["pending"] == 70
     assert ask(log, verdict, signals, warranted, policy, config, streak_start=101) == {}
     assert ask(log, verdict, signals, warranted, policy, LabelsConfig(enabled=False), streak_start=101) == {}
+
+
+def test_export_and_import_for_teams_with_another_tool(home, tmp_path):
+    import csv
+
+    from core import predlog
+    from core.statedb import dispose_engine, get_engine
+    from labels import requests
+    from labels.config import LabelsConfig
+    from tests.conftest import cli_json, run_cli
+
+    url = f"sqlite:///{(home / 'state.db').resolve()}"
+    engine = get_engine(url)
+    predlog.ensure_schema(engine)
+    predlog.write_batch(engine, "m:1", _rows(10, 0, np.random.default_rng(1)))
+    requests.create(engine, [requests.Candidate(i, f"{i - 1:032x}") for i in (1, 2, 3)], model_version="m:1", kind="random",
+                    purpose="confirmation", reason="t", config=LabelsConfig())
+    dispose_engine(url)
+
+    out = tmp_path / "queue.csv"
+    proc = run_cli(["labels", "export", str(out)], home)
+    assert proc.returncode == 0 and "exported 3 pending requests" in proc.stdout, proc.stderr
+    exported = list(csv.DictReader(out.read_text(encoding="utf-8").splitlines()))
+    assert [r["request_id"] for r in exported] == [f"{i:032x}" for i in range(3)] and exported[0]["text"] == "text 0"
+    assert cli_json(["labels", "status"], home)["sent"] == 3
+
+    # m:1 is no registered model, so its answer is refused in one line (the others still go through)
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("\n".join(json.dumps(r) for r in [
+        {"request_id": f"{0:032x}", "label": "positive", "annotator": "ann"},
+        {"request_id": f"{1:032x}", "label": "", "annotator": "ann"},  # skipped
+        {"request_id": "nope", "label": "positive"}]) + "\n", encoding="utf-8")
+    proc = run_cli(["labels", "import", str(answers), "--json"], home)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["skipped"] == 1 and any("not a label request" in r for r in result["refused"])
+    assert any(r.startswith(f"{0:032x}: model 'm:1' not found") for r in result["refused"])
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"request_id": "x", "label": "positive"}\nnot json\n', encoding="utf-8")
+    proc = run_cli(["labels", "import", str(bad)], home)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "bad.jsonl:2" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = run_cli(["labels", "export", str(tmp_path / "queue.txt")], home)
+    assert proc.returncode == 2 and "csv or jsonl" in proc.stderr
