@@ -8,8 +8,14 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Label Studio lives in its own environment: its pins clash with driftloop's (pyarrow <25, pytz <2023,
+# python-json-logger ==2.0.4, and numpy <2.3 through its SDK's opencv), and it brings Django and ~1 GB
+# that the service never needs. driftloop talks to it over its REST API (labels/studio.py).
+LS_VENV  ?= .venv-labelstudio
+LS_STAMP := $(LS_VENV)/.installed
+LABEL_STUDIO_VERSION ?= 1.23.2
 
-.PHONY: install prometheus postgres chromium up test test-fast bench clean
+.PHONY: install prometheus postgres chromium labelstudio up test test-fast bench clean
 
 install: $(STAMP)
 
@@ -33,6 +39,14 @@ define apt_install
   fi
 endef
 
+labelstudio: $(LS_STAMP)
+
+$(LS_STAMP):
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LS_VENV)/bin/python -m pip install --quiet label-studio==$(LABEL_STUDIO_VERSION)
+	touch $(LS_STAMP)
+
 # `make up` and the tests start a real Prometheus (Debian package `prometheus`: prometheus + promtool)
 # on loopback, with the shipped alert rules.
 prometheus:
@@ -50,17 +64,17 @@ chromium:
 postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { $(call apt_install,postgresql,for the PostgreSQL storage tests); }
 
-up: install prometheus
+up: install prometheus labelstudio
 	$(BIN)/driftloop up
 
-test: install prometheus postgres chromium
+test: install prometheus postgres chromium labelstudio
 	$(BIN)/python -m pytest -q -ra
 
-test-fast: install prometheus postgres chromium
+test-fast: install prometheus postgres chromium labelstudio
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 bench: install
 	$(BIN)/python bench/finetune.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(LS_VENV) .pytest_cache build *.egg-info

@@ -18,8 +18,10 @@ from typing import Iterable, Literal
 from core.errors import DriftloopError
 from core.home import driftloop_home
 
-Kind = Literal["feedback", "admin", "predict"]
-KINDS: tuple[Kind, ...] = ("feedback", "admin", "predict")
+# labels: the secret header Label Studio's webhook sends the controller (labels/studio.py);
+# labelstudio: driftloop's API token in the Label Studio it starts (set at that tool's first boot)
+Kind = Literal["feedback", "admin", "predict", "labels", "labelstudio"]
+KINDS: tuple[Kind, ...] = ("feedback", "admin", "predict", "labels", "labelstudio")
 MIN_LENGTH = 16  # a shorter token is a typo or a placeholder, not a secret
 
 

@@ -65,6 +65,8 @@ def up(
     scrape_interval: str = typer.Option("15s", help="Prometheus's scrape and rule-evaluation interval (a Prometheus duration)."),
     ui_port: int = typer.Option(8000, help="Port of Evidently's UI over the monitor's workspace."),
     ui: bool = typer.Option(True, "--ui/--no-ui", help="Start Evidently's UI (evidently ui) over the monitor's workspace."),
+    labels_port: int = typer.Option(8080, help="Port of Label Studio, the annotation queue for the loop's label requests."),
+    labels: bool = typer.Option(True, "--labels/--no-labels", help="Start Label Studio (when installed: make labelstudio)."),
     serve: bool = typer.Option(True, "--serve/--no-serve", help="Start the service and the controller after bootstrapping."),
 ) -> None:
     """Bootstrap a first model on the demo data when none serves yet, then run the service, the
@@ -93,13 +95,13 @@ def up(
         if not re.fullmatch(r"[1-9][0-9]*(ms|s|m|h)", scrape_interval):
             raise DriftloopError(f"--scrape-interval must be a Prometheus duration such as 15s or 1m, got {scrape_interval!r}")
         for name, value in (("--port", port), ("--controller-port", controller_port), ("--prometheus-port", prometheus_port),
-                            ("--ui-port", ui_port)):
+                            ("--ui-port", ui_port), ("--labels-port", labels_port)):
             if not 0 < value < 65536:
                 raise DriftloopError(f"{name} must be between 1 and 65535, got {value}")
         typer.echo("starting the service and the controller ...")
         stack.run(driftloop_home(), port=port, controller_port=controller_port, prometheus_port=prometheus_port,
                   ui_port=ui_port, with_prometheus=prometheus, with_ui=ui, say=typer.echo,
-                  scrape_interval=scrape_interval)
+                  scrape_interval=scrape_interval, labels_port=labels_port, with_labels=labels)
 
 
 def replay_command(

@@ -1,5 +1,6 @@
 """What `driftloop up` runs: the service, the controller, a local Prometheus (when installed) with
-the shipped alert rules, and Evidently's UI over the monitor's workspace, each on its own port.
+the shipped alert rules, Evidently's UI over the monitor's workspace, and Label Studio (when
+installed: the loop's annotation queue, driftloop/labelstudio.py), each on its own port.
 
 Each is a child process in its own process group that dies with `driftloop up` (core/lifecycle.py:
 kill -9 included); Ctrl-C or SIGTERM stops them all, service last, so no acknowledged prediction is
@@ -25,6 +26,7 @@ from pydantic import TypeAdapter, ValidationError
 from core import tokens
 from core.errors import DriftloopError
 from core.lifecycle import ensure_port_free
+from driftloop import labelstudio
 from driftloop.procs import Proc
 from monitoring.passes import workspace_dir, workspace_project
 
@@ -83,12 +85,15 @@ def evidently_command() -> list[str]:
 
 
 def run(home: Path, *, port: int, controller_port: int, prometheus_port: int, ui_port: int, with_prometheus: bool,
-        with_ui: bool, say: Callable[[str], None], scrape_interval: str = "15s") -> None:
+        with_ui: bool, say: Callable[[str], None], scrape_interval: str = "15s", labels_port: int = 8080,
+        with_labels: bool = True) -> None:
     ensure_tokens(say)
     prometheus_binary = shutil.which("prometheus") if with_prometheus else None
+    studio_binary = labelstudio.binary() if with_labels else None
     ports = [(port, "the service (--port)"), (controller_port, "the controller (--controller-port)")]
     ports += [(prometheus_port, "Prometheus (--prometheus-port)")] if prometheus_binary else []
     ports += [(ui_port, "the Evidently UI (--ui-port)")] if with_ui else []
+    ports += [(labels_port, "Label Studio (--labels-port)")] if studio_binary else []
     if len({p for p, _ in ports}) < len(ports):
         raise DriftloopError("each part needs its own port: " + ", ".join(f"{what} {p}" for p, what in ports))
     for p, what in ports:
@@ -110,9 +115,15 @@ def run(home: Path, *, port: int, controller_port: int, prometheus_port: int, ui
             raise DriftloopError(f"{name} did not start; see {proc.log_path}") from None
 
     try:
+        studio_url = f"http://127.0.0.1:{labels_port}"
+        studio = None
+        if studio_binary:  # first: its first boot (database migrations) takes ~40 s, ready while the rest start
+            studio = Proc([], labelstudio.environment(home, env), home / "labelstudio.log", cmd=labelstudio.command(home, labels_port))
+            procs.append(("label studio", studio))
         started("service", Proc(["serve", "--port", str(port)], env, home / "service.log"), f"http://127.0.0.1:{port}/readyz")
-        started("controller", Proc(["controller", "--port", str(controller_port)], env, home / "controller.log"),
-                f"http://127.0.0.1:{controller_port}/healthz")
+        controller_args = ["controller", "--port", str(controller_port)]
+        controller_args += ["--set", f"labels.studio_url={studio_url}"] if studio else []
+        started("controller", Proc(controller_args, env, home / "controller.log"), f"http://127.0.0.1:{controller_port}/healthz")
         say(f"service:    http://127.0.0.1:{port}   (POST /predict, /explain; /feedback with the feedback token; GET /metrics)   "
             f"log {home / 'service.log'}")
         say(f"controller: http://127.0.0.1:{controller_port}   (/status, /metrics, /reports/latest)   log {home / 'controller.log'}")
@@ -136,6 +147,16 @@ def run(home: Path, *, port: int, controller_port: int, prometheus_port: int, ui
             started("evidently ui", ui, f"{url}/api/version")
             say(f"evidently:  {url}/projects/{project.id}   (drift tests over the monitor passes; each pass's report under "
                 f"Reports)   log {home / 'evidently-ui.log'}")
+        if studio is not None:
+            try:
+                studio.wait_http(f"{studio_url}/health", timeout=300)
+            except (RuntimeError, TimeoutError):
+                raise DriftloopError(f"label studio did not start; see {studio.log_path}") from None
+            say(f"labels:     {studio_url}   (Label Studio: the loop's label requests, the least sure first; user "
+                f"{labelstudio.USERNAME}, password in {labelstudio.password_path()})   log {home / 'labelstudio.log'}")
+        elif with_labels:
+            say("labels:     Label Studio not installed (make up installs it; make labelstudio), skipped: "
+                "`driftloop labels export` / `import` work without it")
         say("Ctrl-C stops everything.")
         while not stop["now"]:
             for name, p in procs:

@@ -160,6 +160,23 @@ def mark_sent(engine: Engine, sent: dict[int, str | None], now: dt.datetime | No
                          .values(status="sent", sent_at=now, task_id=None if task is None else str(task)))
 
 
+def sent_tasks(engine: Engine, late_days: float = 7.0) -> dict[str, list[int]]:
+    """Task ids in the annotation tool of requests sent and not answered yet (by model version),
+    and of those that expired in the last `late_days` (a late answer still counts), for polling:
+    bounded by the budget, not by months of history."""
+    ensure_schema(engine)
+    c = requests.c
+    recent = c.created_at > dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=late_days)
+    out: dict[str, list[int]] = {}
+    with engine.connect() as conn:
+        for version, task in conn.execute(select(c.model_version, c.task_id).where(
+                (c.status == "sent") | ((c.status == "expired") & recent), c.task_id.is_not(None),
+                c.task_id.not_like("export:%")).order_by(c.id)):
+            if str(task).isdigit():
+                out.setdefault(version, []).append(int(task))
+    return out
+
+
 def lookup(engine: Engine, request_id: str) -> dict | None:
     ensure_schema(engine)
     with engine.connect() as conn:

@@ -31,10 +31,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy.engine import make_url
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from core import alias, audit, predlog, retention
+from core import alias, audit, predlog, retention, tokens
 from core.errors import DriftloopError
 from core.retention import RetentionConfig
 from labels.config import LabelsConfig
@@ -48,6 +49,10 @@ from loop.lease import current as current_lease
 from loop.policy import PolicyConfig
 from loop.refine_config import RefineConfig
 from loop.refine_jobs import RefineJobs
+from labels import requests as label_requests
+from labels.studio import SECRET_HEADER
+from loop import labeling
+from loop.labeling import sync_job
 from loop.upkeep import last_run as last_retention_run
 from loop.upkeep import retention_job
 from monitoring import exporter, passes, store
@@ -135,9 +140,10 @@ def monitor_job(monitor: dict, policy: dict | None = None, refine: dict | None =
 class MetricsRefresher:
     """Publishes the newest stored pass to the gauges, once per new run id, and the prediction log's
     size and age at every scrape (O(log n) reads: core/retention.stats)."""
-    def __init__(self, engine, retention_config: RetentionConfig | None = None):
+    def __init__(self, engine, retention_config: RetentionConfig | None = None, labels_config: LabelsConfig | None = None):
         self.engine = engine
         self.retention = retention_config or RetentionConfig()
+        self.labels = labels_config or LabelsConfig()
         self.last_run_id: int | None = None
         self.lock = threading.Lock()
 
@@ -145,6 +151,7 @@ class MetricsRefresher:
         with self.lock:
             self._refresh_passes()
             exporter.publish_log_stats(retention.stats(self.engine, self.retention))
+            exporter.publish_labels(label_requests.summary(self.engine, self.labels))
 
     def _refresh_passes(self) -> None:
         store.ensure_schema(self.engine)
@@ -278,6 +285,8 @@ def build_app(engine, refresher: MetricsRefresher, leadership: Leadership | None
         settings = leadership.settings if leadership is not None else ControllerSettings()
         return JSONResponse({**role, "champion": prod.tag if prod else None, "last_monitor_pass": latest,
                              "bake": bake_status(engine, prod.tag, settings.policy) if prod else None,
+                             "labels": {**label_requests.summary(engine, settings.labels),
+                                        "tool": {"url": settings.labels.studio_url, **labeling.tool_state()}},
                              "log": {**retention.stats(engine, settings.retention), "last_retention_run": last_retention_run()},
                              "jobs": leadership.jobs() if leadership is not None else [],
                              "refine_running": refinements.running(), "recent_events": audit.history(engine, limit=10)})
@@ -299,8 +308,17 @@ def build_app(engine, refresher: MetricsRefresher, leadership: Leadership | None
             return PlainTextResponse("not a report name (expected monitor-<run id>.html)", status_code=404)
         return _report(passes.reports_dir() / name)
 
+    async def labels_webhook(request):
+        try:
+            payload = await request.json()
+        except ValueError:
+            payload = None
+        code, body = await run_in_threadpool(labeling.webhook, engine, payload, request.headers.get(SECRET_HEADER))
+        return JSONResponse(body, status_code=code)
+
     return Starlette(routes=[
         Route("/metrics", metrics), Route("/healthz", healthz), Route("/status", status),
+        Route("/labels/webhook", labels_webhook, methods=["POST"]),
         Route("/reports/latest", latest_report), Route("/reports/{name}", report),
         *admin_routes(engine, refine=refine, token=admin_token, jobs=refinements,
                       is_leader=(lambda: leadership.is_leader) if leadership is not None else None,
@@ -321,6 +339,10 @@ def build_scheduler(settings: ControllerSettings, holder: str | None = None):
                       replace_existing=True, kwargs={"monitor": settings.monitor.model_dump(), "policy": settings.policy.model_dump(),
                                                      "refine": settings.refine.model_dump(), "holder": holder,
                                                      "labels": settings.labels.model_dump()})
+    # label requests go out and answers come in while Label Studio is configured (a no-op job otherwise)
+    scheduler.add_job(sync_job, "interval", seconds=settings.labels.sync_interval_s, id="labels", name="label requests sync",
+                      replace_existing=True, kwargs={"labels_config": settings.labels.model_dump(),
+                                                     "webhook_url": f"http://{settings.host}:{settings.port}/labels/webhook"})
     # always scheduled (replacing a stored one): with retention.enabled false the job does nothing
     scheduler.add_job(retention_job, "interval", seconds=settings.retention.interval_s, id="retention", name="log retention",
                       replace_existing=True, kwargs={"retention_config": settings.retention.model_dump()},
@@ -336,7 +358,10 @@ def run(settings: ControllerSettings) -> None:
     predlog.ensure_schema(engine)  # on Postgres also this week's day partitions, before any retention run
     store.ensure_schema(engine)
     audit.ensure_schema(engine)
-    refresher = MetricsRefresher(engine, settings.retention)
+    refresher = MetricsRefresher(engine, settings.retention, settings.labels)
+    label_requests.ensure_schema(engine)
+    if settings.labels.enabled and settings.labels.studio_url:
+        tokens.ensure("labels")  # the webhook's secret header, shared with Label Studio when the sync registers it
     exporter.UP_SINCE.set(time.time())
     leadership = Leadership(engine, settings)
     app = build_app(engine, refresher, leadership, refine=settings.refine)

@@ -136,3 +136,26 @@ def publish_log_stats(stats: dict) -> None:
     LOG_DAYS.set(stats["days"] * 86400)
     _set(LOG_DISK_FREE, stats.get("disk_free_bytes"))  # NaN on Postgres: the server's disk is the server's to watch
     _set(LOG_DISK_SIZE, stats.get("disk_total_bytes"))
+
+
+# ---- label requests (labels/, loop/labeling.py)
+LABELS_REQUESTS = Gauge("driftloop_labels_requests", "Label requests by kind (random, informative) and status "
+                        "(pending, sent, answered, skipped, expired)", ["kind", "status"], registry=REGISTRY)
+LABELS_BUDGET_LEFT = Gauge("driftloop_labels_budget_left_today", "Label requests the daily budget still allows in the last 24 h",
+                           registry=REGISTRY)
+LABELS_ASKED_24H = Gauge("driftloop_labels_asked_last_24h", "Label requests created in the last 24 h", registry=REGISTRY)
+LABELS_TOOL_UP = Gauge("driftloop_labels_tool_up", "1 if the last sync reached Label Studio, 0 if not (requests queue)", registry=REGISTRY)
+LABELS_SYNC_ERRORS = Counter("driftloop_labels_sync_errors", "Sync rounds that could not reach Label Studio", registry=REGISTRY)
+LABELS_ANSWERS = Counter("driftloop_labels_answers", "Answers to label requests taken in, by outcome", ["status"], registry=REGISTRY)
+LABELS_TOOL_UP.set(math.nan)
+for _status in ("recorded", "replaced", "unchanged", "skipped"):
+    LABELS_ANSWERS.labels(status=_status)
+
+
+def publish_labels(summary: dict) -> None:
+    """Set the label gauges from `labels.requests.summary()`."""
+    for kind, counts in summary["by_kind"].items():
+        for status, n in counts.items():
+            LABELS_REQUESTS.labels(kind=kind, status=status).set(n)
+    LABELS_BUDGET_LEFT.set(summary["budget_left_today"])
+    LABELS_ASKED_24H.set(summary["asked_last_24h"])

@@ -353,7 +353,7 @@ def test_scheduler_jobs_persist_in_the_state_db_across_restarts(state_db_url):
     again.start(paused=True)
     try:
         jobs = {j.id: j for j in again.get_jobs()}
-        assert sorted(jobs) == ["monitor", "retention"]
+        assert sorted(jobs) == ["labels", "monitor", "retention"]
         assert jobs["monitor"].func is controller.monitor_job and jobs["monitor"].kwargs["monitor"] == settings.monitor.model_dump()
         assert jobs["monitor"].next_run_time == next_run
         assert jobs["retention"].kwargs["retention_config"] == settings.retention.model_dump()
@@ -363,7 +363,7 @@ def test_scheduler_jobs_persist_in_the_state_db_across_restarts(state_db_url):
     third = controller.build_scheduler(settings)
     third.start(paused=True)
     try:
-        assert sorted(j.id for j in third.get_jobs()) == ["monitor", "retention"]
+        assert sorted(j.id for j in third.get_jobs()) == ["labels", "monitor", "retention"]
     finally:
         third.shutdown(wait=True)
 
