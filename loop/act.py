@@ -12,6 +12,7 @@ import datetime as dt
 from sqlalchemy.engine import Engine
 
 from core import alias, audit, predlog
+from labels import requests
 from labels.config import LabelsConfig
 from loop.ask import ask
 from loop.bake import ShadowScorer, bake_check, in_bake
@@ -94,13 +95,17 @@ def after_pass(engine: Engine, verdict: Verdict, policy: PolicyConfig, refine: R
     d = decide(signals, policy)
     out = {**d.to_json(), "signals": signals.to_json(), "run_id": verdict.run_id}
     since_id, runs = drift_streak(engine, version)
-    if d.action == "retrain" and not d.dry_run:
+    waiting = requests.open_requests(engine, version, "training") if labels is not None and labels.enabled else 0
+    if d.action == "retrain" and not d.dry_run and waiting:
+        # a training batch is out: start when its answers are in (or expired), not on its first ones
+        out.update(action="skip", reason=f"waiting for {waiting} requested training labels (or their expiry); trigger was: {d.reason}")
+    elif d.action == "retrain" and not d.dry_run:
         if policy.mode in ("schedule", "performance"):
             since_id = None
         started = jobs.start(engine, refine, d.reason, version, since_id, runs, fence=fence)
         out["started"] = started
     elif labels is not None and not d.dry_run:
-        asked = ask(engine, verdict, signals, d, policy, labels, since_id)
+        asked = ask(engine, verdict, signals, d, policy, labels, since_id, refine)
         if asked:
             out["labels_asked"] = asked
     audit.record(engine, "policy", version, **out)

@@ -5,9 +5,11 @@
   needs to confirm or refute a drop of `policy.tolerance` (`policy.confirmation_size`), less the
   unbiased labels the window already has, capped by `labels.confirm_max`.
 - **Training**: the policy says a refinement is warranted but for labels (`labels_needed`): ask
-  for a training batch: a `labels.random_share` uniform random part of the drift streak (the
-  refinement's gate items must be unbiased) and the rest informative (labels/select.py), within
-  `labels.per_refinement` since the last refinement.
+  for a training batch of `labels.per_refinement` (what that refinement may cost): a uniform
+  random part of the drift streak, at least `labels.random_share` of it and at least what the
+  gate needs (`gate.min_gate_items / gate_fraction` unbiased labels in all: the gate scores only
+  those), and the rest informative (labels/select.py). The refinement waits for the batch
+  (loop/act.py) rather than start on its first answers and meet a gate that cannot decide.
 
 One open batch of each purpose per model at a time: while one waits for answers, nothing more is
 asked. Everything asked is recorded in the request queue (labels/requests.py) and this pass's
@@ -17,6 +19,7 @@ audit event; the answers come back through labels/answers.py.
 from __future__ import annotations
 
 import datetime as dt
+import math
 
 from sqlalchemy.engine import Engine
 
@@ -24,11 +27,12 @@ from core import audit, predlog
 from labels import requests, select
 from labels.config import LabelsConfig
 from loop.policy import Decision, PolicyConfig, Signals, confirmation_size
+from loop.refine_config import RefineConfig
 from monitoring.verdict import Verdict
 
 
 def ask(engine: Engine, verdict: Verdict, signals: Signals, decision: Decision, policy: PolicyConfig, config: LabelsConfig,
-        streak_start: int | None, now: dt.datetime | None = None) -> dict:
+        streak_start: int | None, refine: RefineConfig | None = None, now: dt.datetime | None = None) -> dict:
     """Create the requests this pass calls for; returns what was asked (empty when nothing)."""
     if not config.enabled:
         return {}
@@ -50,8 +54,11 @@ def ask(engine: Engine, verdict: Verdict, signals: Signals, decision: Decision, 
         start = streak_start if streak_start is not None else max(0, (verdict.window_first_id or 0))
         last = audit.last(engine, "retrain_started")
         since = dt.datetime.fromisoformat(last["at"]) if last else None
-        total = min(short, config.per_refinement)
-        n_random = round(total * config.random_share)
+        refine = refine or RefineConfig()
+        total = config.per_refinement
+        _, unbiased = predlog.unbiased_accuracy(engine, version, start)
+        for_gate = max(0, math.ceil(refine.gate.min_gate_items / refine.gate_fraction) - unbiased)
+        n_random = min(total, max(round(total * config.random_share), for_gate))
         reason = f"training batch for a warranted refinement: {short} labels short ({decision.reason[:160]})"
         asked_before = requests.asked_since(engine, version, start)
         randoms = select.random_sample(engine, version, start, predlog.max_id(engine), n_random, seed=f"{version}:{verdict.run_id}:t",
@@ -62,5 +69,6 @@ def ask(engine: Engine, verdict: Verdict, signals: Signals, decision: Decision, 
                                                exclude=asked_before | {c.request_id for c in randoms}, seed=verdict.run_id or 0)
         made_informative = requests.create(engine, informative, model_version=version, kind="informative", purpose="training",
                                            reason=reason, config=config, training_since=since, now=now, batch=made_random.batch)
-        out["training"] = {"random": made_random.to_json(), "informative": made_informative.to_json(), "short": short}
+        out["training"] = {"random": made_random.to_json(), "informative": made_informative.to_json(), "short": short,
+                           "random_for_gate": for_gate}
     return out

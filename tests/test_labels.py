@@ -188,7 +188,7 @@ def test_the_loop_asks_for_a_confirmation_sample_then_a_training_batch(log):
     from loop.ask import ask
     from loop.policy import Decision, PolicyConfig, Signals
 
-    config, policy = LabelsConfig(per_day=300, per_refinement=120), PolicyConfig()
+    config, policy = LabelsConfig(per_day=300, per_refinement=120), PolicyConfig()  # gate: 30 items at 0.3 = 100 unbiased
     verdict = SimpleNamespace(model_version="m:1", run_id=7, drift=True, window_first_id=101, window_last_id=600)
     signals = Signals(now=dt.datetime.now(UTC), consecutive_drift=1, realized_accuracy=None, labelled_in_window=0,
                       estimated_accuracy=0.70, reference_accuracy=0.85, reference_n=1000, new_labels=0, last_retrain_at=None,
@@ -201,9 +201,11 @@ def test_the_loop_asks_for_a_confirmation_sample_then_a_training_batch(log):
     warranted = Decision("skip", "only 0 new labels (< 100)", checks={"drift": True, "performance_drop": True, "labels_needed": 100})
     asked = ask(log, verdict, signals, warranted, policy, config, streak_start=101)
     training = asked["training"]
-    assert training["random"]["created"] == 30 and training["informative"]["created"] == 70  # random_share 0.3
+    # per_refinement 120; no unbiased label yet, so the gate's 100 decide the random part (over random_share's 36)
+    assert training["random_for_gate"] == 100 and training["random"]["created"] == 100 and training["informative"]["created"] == 20
     summary = requests.summary(log, config)
-    assert summary["by_kind"]["random"]["pending"] == 80 and summary["by_kind"]["informative"]["pending"] == 70
+    assert summary["by_kind"]["random"]["pending"] == 150 and summary["by_kind"]["informative"]["pending"] == 20
+    assert summary["asked_last_24h"] == 170 <= config.per_day
     assert ask(log, verdict, signals, warranted, policy, config, streak_start=101) == {}
     assert ask(log, verdict, signals, warranted, policy, LabelsConfig(enabled=False), streak_start=101) == {}
 
