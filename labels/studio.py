@@ -123,8 +123,20 @@ class Studio:
                 "description": "Predictions driftloop asks people to label: random samples confirm drift, informative ones train. "
                                "The model's calibrated guess is pre-filled; the least sure come first.",
                 "show_skip_button": True}).json()["id"]
+            self._queue_view(project)
         self._projects[key] = project
         return project
+
+    def _queue_view(self, project: int) -> None:
+        """The project's task list as an annotator's queue: least sure first (the model's score), with
+        the model's guess and score, the request's kind and purpose, and no bookkeeping columns."""
+        hidden = [f"tasks:{c}" for c in ("inner_id", "annotations_ids", "annotations_results", "predictions_model_versions",
+                                         "file_upload", "storage_filename", "updated_at", "updated_by", "avg_lead_time",
+                                         "draft_exists", "total_predictions", "annotators", "comment_count", "unresolved_comment_count",
+                                         "comment_authors", "ground_truth", "data.request_id")]
+        self._call("POST", "/api/dm/views/", params={"project": project}, json={"project": project, "data": {
+            "title": "queue: least sure first", "ordering": ["tasks:predictions_score"],
+            "hiddenColumns": {"explore": hidden, "labeling": hidden}}})
 
     def ensure_webhook(self, project: int, url: str, secret: str) -> None:
         """A webhook to the controller on this project (made once; its secret header kept current)."""

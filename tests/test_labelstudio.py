@@ -239,3 +239,42 @@ def test_late_answers_are_taken_after_expiry(studio_process, db_url, model_tag):
     _annotate(studio_process, task, "negative")
     result = studio.sync(engine, client, config, label_names=None)
     assert result["recorded"] == 1 and requests.lookup(engine, f"{500:032x}")["status"] == "answered"
+
+
+def test_the_project_page_shows_the_queue_with_the_models_guesses(studio_process, db_url, model_tag):
+    """Label Studio's project page, opened in headless Chromium as the annotator would (logged in):
+    the queued tasks with their texts and the model's predictions. The README's screenshot."""
+    from core import predlog, tokens
+    from core.statedb import get_engine
+    from driftloop import labelstudio
+    from labels import requests, studio
+    from labels.config import LabelsConfig
+    from tests import browser
+
+    if browser.chromium() is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium-headless-shell is not installed: make test installs it")
+        pytest.skip("chromium-headless-shell not installed (make chromium)")
+    engine = get_engine(db_url)
+    predlog.ensure_schema(engine)
+    texts = ["Quarterly profit fell short of forecasts as costs rose.", "The company raised its dividend for the third year.",
+             "Shares slid after the regulator opened an inquiry.", "Net sales grew 12 % on strong export demand."]
+    rows = _rows(len(texts), 900)
+    for row, text in zip(rows, texts):
+        row.text = text
+    predlog.write_batch(engine, model_tag, rows)
+    config = LabelsConfig(studio_url=studio_process.url, studio_project="driftloop-queue")
+    requests.create(engine, [requests.Candidate(i + 1, r.request_id) for i, r in enumerate(rows)], model_version=model_tag,
+                    kind="random", purpose="confirmation", reason="drift in monitor run 3", config=config)
+    client = studio.Studio(studio_process.url, tokens.get("labelstudio"))
+    assert studio.sync(engine, client, config)["sent"] == len(texts)
+    project = client.project_for(LABELS, config.studio_project)
+    cookies = browser.label_studio_login(studio_process.url, labelstudio.USERNAME, labelstudio.password())
+    text, png = browser.open_page(f"{studio_process.url}/projects/{project}/data", cookies, settle_s=10)
+    for sentence in texts:
+        assert sentence[:30] in text, text[-2000:]
+    assert "driftloop-queue" in text and "least sure first" in text, text[-2000:]  # the project and its queue view
+    scores = [f"{r.confidence:.2f}" for r in rows]
+    assert sum(score in text for score in scores) >= 3, (scores, text[-2000:])  # the model's scores, shown beside its guesses
+    assert len(png) > 10_000
+    browser.keep_screenshot(png, "labelstudio-queue.png")
