@@ -1,5 +1,5 @@
 """What an operator sees, checked in a real browser: `driftloop up` starts the service, the controller,
-a real Prometheus with the shipped rules and Evidently's UI; traffic drifts; headless Chromium
+a real Prometheus with the shipped rules, Evidently's UI and Label Studio; traffic drifts; headless Chromium
 (Debian package chromium-headless-shell) opens the Evidently project page, the latest monitor report
 and Prometheus's alerts page, and the test asserts on what they render. Then what `up` started dies
 with it on kill -9, and a port in use is one line naming its holder.
@@ -119,14 +119,15 @@ def test_up_gives_operators_real_pages_and_everything_dies_with_it(tmp_path, tin
     home.mkdir()
     cli_json(["train", "--data", "demo:reviews", "--base-model", str(tiny_model_dir), "--epochs", "1", "--quiet",
               "--promote", "always", "--set", "report=false"], home)
-    ports = {name: free_port() for name in ("service", "controller", "prometheus", "ui")}
+    ports = {name: free_port() for name in ("service", "controller", "prometheus", "ui", "labels")}
     env = {**os.environ, "DRIFTLOOP_HOME": str(home)}
     for key in ("BENTOML_HOME", "DRIFTLOOP_DB_URL", "PROMETHEUS_MULTIPROC_DIR"):
         env.pop(key, None)
     log = home / "up.log"
     family: set[int] = set()  # what `up` started, known before it is killed, so a failure still cleans up
     up = Proc(["up", "--port", str(ports["service"]), "--controller-port", str(ports["controller"]),
-               "--prometheus-port", str(ports["prometheus"]), "--ui-port", str(ports["ui"]), "--scrape-interval", "1s"], env, log)
+               "--prometheus-port", str(ports["prometheus"]), "--ui-port", str(ports["ui"]), "--labels-port", str(ports["labels"]),
+               "--scrape-interval", "1s"], env, log)
     try:
         _wait_for_line(log, r"^Ctrl-C stops everything", up, timeout=300)
         text = log.read_text()
@@ -136,6 +137,12 @@ def test_up_gives_operators_real_pages_and_everything_dies_with_it(tmp_path, tin
         alerts_url = re.search(r"alerts of the shipped rules: (http://\S+?)[;)]", text).group(1)
         assert alerts_url.startswith(prom)
         ui = project_url.split("/projects/")[0]
+        # Label Studio, the annotation queue: up, on loopback, with the controller told where it is
+        labels_url = f"http://127.0.0.1:{ports['labels']}"
+        assert re.search(rf"^labels:\s+{re.escape(labels_url)}\s", text, re.M), text[-3000:]
+        assert httpx.get(f"{labels_url}/health", timeout=10).status_code == 200
+        status = httpx.get(f"http://127.0.0.1:{ports['controller']}/status", timeout=10).json()
+        assert status["labels"]["tool"]["url"] == labels_url
         project_id = project_url.rsplit("/", 1)[1]
 
         # a harmful shift: the reviews model gets financial news; three passes in a row see it
@@ -177,7 +184,7 @@ def test_up_gives_operators_real_pages_and_everything_dies_with_it(tmp_path, tin
 
         # kill -9 of `up`: every process it started, BentoML's workers included, goes with it
         family = _descendants(up.proc.pid)
-        assert len(family) >= 5, family  # serve, BentoML's arbiter and worker, controller, prometheus, evidently ui
+        assert len(family) >= 6, family  # serve, BentoML's arbiter and worker, controller, prometheus, evidently ui, label studio
         os.kill(up.proc.pid, signal.SIGKILL)
         up.proc.wait(timeout=10)
         deadline = time.time() + 60
