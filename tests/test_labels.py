@@ -253,3 +253,78 @@ def test_export_and_import_for_teams_with_another_tool(home, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
     proc = run_cli(["labels", "export", str(tmp_path / "queue.txt")], home)
     assert proc.returncode == 2 and "csv or jsonl" in proc.stderr
+
+
+class RecordingJobs:
+    """RefineJobs' interface, recording the refinements the policy starts instead of spawning one
+    (the refinement itself runs for real in tests/test_loop.py and tests/test_generations.py)."""
+
+    def __init__(self):
+        self.started = []
+
+    def running(self) -> bool:
+        return False
+
+    def start(self, engine, refine, trigger, version, since_id=None, runs=None, wait=False, fence=None) -> bool:
+        self.started.append((trigger, version, since_id))
+        return True
+
+
+def test_after_each_pass_the_loop_asks_then_waits_for_its_batch_then_refines(log):
+    """With no organic feedback at all: a drifted pass asks for a confirmation sample; its answers
+    confirm the drop; the policy asks for a training batch; the refinement waits for the batch's
+    answers, and starts once they are in."""
+    import json as _json
+
+    from sqlalchemy import insert
+
+    from core import production
+    from labels import answers, requests
+    from labels.config import LabelsConfig
+    from loop import act
+    from loop.policy import PolicyConfig
+    from loop.refine_config import RefineConfig
+    from monitoring import store
+    from monitoring.verdict import Quality, Verdict
+
+    production.promote("m:1", reason="test", actor="test", engine=log, verify=False)
+    store.ensure_schema(log)
+    now = dt.datetime.now(UTC)
+    for run in range(2):  # two drifted passes over the window: the drift streak starts at log id 1
+        result = {"model_version": "m:1", "status": "ok", "drift": True, "window_size": 600, "window_first_id": 1,
+                  "window_last_id": 600, "quality": {"labelled": 0}}
+        with log.begin() as conn:
+            conn.execute(insert(store.monitor_runs).values(finished_at=now, model_version="m:1", status="ok", drift=True,
+                                                           window_size=600, window_first_id=1, window_last_id=600, labelled=0,
+                                                           duration_s=0.1, result=_json.dumps(result)))
+    verdict = Verdict(model_version="m:1", run_id=2, status="ok", drift=True, window_size=600, window_first_id=1, window_last_id=600,
+                      quality=Quality(labelled=0, estimated_accuracy=0.70, estimated_accuracy_lower=0.68, estimated_accuracy_upper=0.72),
+                      reference_accuracy=0.85, reference_n=1000)
+    policy, refine, config, jobs = PolicyConfig(), RefineConfig(), LabelsConfig(), RecordingJobs()
+
+    first = act.after_pass(log, verdict, policy, refine, jobs, labels=config)
+    assert first["action"] == "skip" and "not confirmed" in first["reason"]
+    assert first["labels_asked"]["confirmation"]["created"] == 50 and jobs.started == []
+
+    def answer(kind: str, purpose: str, right_share: float) -> int:
+        open_ = [r for r in requests.pending(log, 1000) if r["kind"] == kind and r["purpose"] == purpose]
+        given = [answers.Answer(r["request_id"], r["label"] if i < right_share * len(open_) else
+                                ("negative" if r["label"] == "positive" else "positive"), annotator="ann")
+                 for i, r in enumerate(open_)]
+        return answers.apply(log, given, label_names={"m:1": LABELS}).recorded
+
+    assert answer("random", "confirmation", 0.5) == 50  # the annotator finds the model right half the time
+    second = act.after_pass(log, verdict, policy, refine, jobs, labels=config)
+    assert second["checks"]["performance_drop"] and second["checks"]["labels_needed"] == 50
+    training = second["labels_asked"]["training"]
+    assert training["random_for_gate"] == 50 and training["random"]["created"] == 60 and training["informative"]["created"] == 140
+    assert "labels_asked" not in act.after_pass(log, verdict, policy, refine, jobs, labels=config), "one open batch at a time"
+
+    assert answer("random", "training", 1.0) == 60  # enough labels now (110), but 140 of the batch are still out
+    waiting = act.after_pass(log, verdict, policy, refine, jobs, labels=config)
+    assert waiting["action"] == "skip" and waiting["reason"].startswith("waiting for 140 requested training labels")
+    assert jobs.started == []
+    assert answer("informative", "training", 1.0) == 140
+    go = act.after_pass(log, verdict, policy, refine, jobs, labels=config)
+    assert go["action"] == "retrain" and go["started"] is True and jobs.started[0][1:] == ("m:1", 1)
+    assert requests.summary(log, config)["asked"] == 250 <= config.per_day
