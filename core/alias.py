@@ -81,13 +81,14 @@ def current(alias: str = PRODUCTION, engine: Engine | None = None) -> AliasState
     return AliasState(row["alias"], row["tag"], row["previous_tag"], updated, row["version"])
 
 
-def still_at(tag: str, alias: str = PRODUCTION) -> Callable[[Connection], None]:
+def still_at(tag: str, alias: str = PRODUCTION, doing: str = "promoting") -> Callable[[Connection], None]:
     """A check to run inside a production move's transaction: the alias still points at `tag` (a
-    refinement promotes only over the champion it refined, not over a model moved in meanwhile)."""
+    refinement promotes only over the champion it refined, a bake rolls back only the model it
+    baked: not a model moved in meanwhile)."""
     def check(conn: Connection) -> None:
         now = conn.execute(select(model_alias.c.tag).where(model_alias.c.alias == alias)).scalar()
         if now != tag:
-            raise DriftloopError(f"{alias} moved to {now} meanwhile: not promoting")
+            raise DriftloopError(f"{alias} moved to {now} meanwhile: not {doing}")
     return check
 
 

@@ -157,6 +157,7 @@ def quality(reference: Reference, window: Window, config: MonitorConfig) -> dict
     out = {
         "estimated_accuracy": estimated,
         "estimated_accuracy_lower": max(0.0, estimated - 1.96 * est_se), "estimated_accuracy_upper": min(1.0, estimated + 1.96 * est_se),
+        "estimated_accuracy_se": est_se,  # unclipped: the policy's interval arithmetic reads this, not the clipped bounds
         "labelled": n, "min_labels": config.min_labels,
         # every label in the window by provenance (core/predlog.py SOURCES); only unbiased ones are in `labelled`
         "labelled_by_source": ({str(k): int(v) for k, v in frame["label_source"].value_counts().items()}

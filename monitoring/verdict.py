@@ -27,12 +27,21 @@ class Quality:
     estimated_accuracy_lower: float | None = None
     estimated_accuracy_upper: float | None = None
     estimation_error: float | None = None  # mean confidence − accuracy on the window's labelled rows
+    estimated_accuracy_se: float | None = None  # the estimate's standard error as the pass computed it
 
     @property
     def estimated_se(self) -> float | None:
-        """The label-free estimate's standard error, from its stored 95 % interval."""
-        lo, hi = self.estimated_accuracy_lower, self.estimated_accuracy_upper
-        return (hi - lo) / (2 * Z95) if lo is not None and hi is not None else None
+        """The label-free estimate's standard error: as the pass stored it; for a pass stored before
+        it was, from the 95 % interval, which is clipped to [0, 1] and so understates it near full
+        confidence (then the wider half of the interval is the better reading)."""
+        if self.estimated_accuracy_se is not None:
+            return self.estimated_accuracy_se
+        lo, hi, est = self.estimated_accuracy_lower, self.estimated_accuracy_upper, self.estimated_accuracy
+        if lo is None or hi is None:
+            return None
+        if est is None:
+            return (hi - lo) / (2 * Z95)
+        return max(hi - est, est - lo) / Z95
 
     @classmethod
     def from_json(cls, data: dict | None) -> "Quality":
@@ -40,7 +49,7 @@ class Quality:
         return cls(labelled=int(data.get("labelled") or 0),
                    **{name: _number(data.get(name)) for name in (
                        "realized_accuracy", "estimated_accuracy", "estimated_accuracy_lower",
-                       "estimated_accuracy_upper", "estimation_error")})
+                       "estimated_accuracy_upper", "estimation_error", "estimated_accuracy_se")})
 
 
 @dataclass(frozen=True)

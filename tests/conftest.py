@@ -45,6 +45,15 @@ def tiny_model_dir() -> Path:
     return tiny_model.build(SESSION_HOME / "tiny-bert", corpus)
 
 
+@pytest.fixture(scope="session")
+def registered_tiny_model(tiny_model_dir) -> str:
+    """A real registered model (tiny BERT, 1 epoch on 60 demo rows, not promoted) in this session's
+    model store, for in-process tests that need one the store knows (label names, a rollback target)."""
+    out = cli_json(["train", "--base-model", str(tiny_model_dir), "--epochs", "1", "--max-rows", "60", "--quiet",
+                    "--set", "registry.promote=never", "--set", "report=false"], SESSION_HOME)
+    return out["model"]
+
+
 @pytest.fixture()
 def home(tmp_path) -> Path:
     """A fresh DRIFTLOOP_HOME for one test (used by subprocess CLI tests)."""

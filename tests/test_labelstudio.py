@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import uvicorn
 
-from tests.conftest import SESSION_HOME, cli_json
+from tests.conftest import SESSION_HOME
 
 LABELS = ["negative", "positive"]
 UTC = dt.timezone.utc
@@ -61,15 +61,8 @@ def studio_process():
 
 
 @pytest.fixture(scope="session")
-def model_tag(tiny_model_dir) -> str:
-    """A real registered model (tiny BERT, not promoted) in this session's store: answers are
-    checked against its label names, as in production."""
-    out = cli_json(["train", "--base-model", str(tiny_model_dir), "--epochs", "1", "--max-rows", "60", "--quiet",
-                    "--set", "registry.promote=never", "--set", "report=false"], SESSION_HOME)
-    from core import registry
-
-    assert registry.get(out["model"]).lineage["label_names"] == LABELS
-    return out["model"]
+def model_tag(registered_tiny_model) -> str:
+    return registered_tiny_model
 
 
 def _rows(n: int, start: int):
