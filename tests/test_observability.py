@@ -255,7 +255,7 @@ def test_controller_runs_scheduled_passes_keeps_its_schedule_across_restarts_and
                     time.sleep(0.5)
                 else:
                     raise AssertionError(f"no scheduled pass reached /metrics:\n{log_path.read_text()[-3000:]}")
-                assert [j["id"] for j in status["jobs"]] == ["monitor"]
+                assert sorted(j["id"] for j in status["jobs"]) == ["labels", "monitor", "retention"]
                 assert status["last_monitor_pass"]["model_version"] == out["model"]
                 # the admin routes are mounted and closed without the admin token (home/secrets/admin.token)
                 admin = f"http://127.0.0.1:{port}/admin/rollback"
@@ -285,5 +285,5 @@ def test_controller_runs_scheduled_passes_keeps_its_schedule_across_restarts_and
     with engine.connect() as conn:
         jobs = conn.execute(sa.text("select id from controller_jobs")).scalars().all()
         passes = conn.execute(sa.text("select count(*) from monitor_runs")).scalar_one()
-    assert jobs == ["monitor"]  # the schedule persists in the state DB for the next start
+    assert sorted(jobs) == ["labels", "monitor", "retention"]  # the schedule persists in the state DB for the next start
     assert passes >= 1
