@@ -55,8 +55,11 @@ def gather_signals(engine: Engine, verdict: Verdict, jobs: RefineJobs, now: dt.d
         streak_accuracy, streak_n = predlog.unbiased_accuracy(engine, version, streak_start)
         if streak_n > labelled:
             realized, labelled = streak_accuracy, streak_n
-    # the estimate's error: on this window's labelled rows when the pass measured it, else on all of this model's
-    if q.estimation_error is not None:
+    # the estimate's error: on this window's labelled rows when they are enough for the policy to use it,
+    # else on this model's newest labelled traffic (which holds the window's too). A window's own
+    # measurement on fewer than min_labels rows (the monitor measures from 30) would stop the estimate
+    # from confirming, where the model-wide one on more rows could.
+    if q.estimation_error is not None and (min_labels is None or q.labelled >= min_labels):
         error, error_n = q.estimation_error, q.labelled
     else:
         error, error_n = predlog.estimation_error(engine, version)

@@ -328,3 +328,27 @@ def test_after_each_pass_the_loop_asks_then_waits_for_its_batch_then_refines(log
     go = act.after_pass(log, verdict, policy, refine, jobs, labels=config)
     assert go["action"] == "retrain" and go["started"] is True and jobs.started[0][1:] == ("m:1", 1)
     assert requests.summary(log, config)["asked"] == 250 <= config.per_day
+
+
+def test_a_window_with_too_few_labels_for_the_policy_reads_the_models_measured_error(log):
+    """Review finding: a window with 30-49 labels (enough for the monitor to measure the estimate's
+    error, too few for the policy to use it) made the estimate unable to confirm, while a window with
+    none could. Now the model-wide measurement is used then."""
+    from core import predlog
+    from core import audit
+    from loop import act
+    from monitoring import store
+    from monitoring.verdict import Quality, Verdict
+
+    store.ensure_schema(log)
+    audit.ensure_schema(log)
+    ids = [f"{i:032x}" for i in range(300)]
+    predlog.record_feedback(log, [(rid, "positive") for rid in ids[:120]], lambda v: LABELS)  # 120 labels of this model
+    verdict = Verdict(model_version="m:1", run_id=1, status="ok", drift=True, window_size=100, window_first_id=200, window_last_id=300,
+                      quality=Quality(labelled=40, estimated_accuracy=0.7, estimation_error=0.05), reference_accuracy=0.85,
+                      reference_n=1000)
+    signals = act.gather_signals(log, verdict, RecordingJobs(), min_labels=50)
+    assert signals.estimation_error_n == 120 and signals.estimation_error == pytest.approx(predlog.estimation_error(log, "m:1")[0])
+    enough = Verdict(**{**verdict.__dict__, "quality": Quality(labelled=60, estimated_accuracy=0.7, estimation_error=0.05)})
+    signals = act.gather_signals(log, enough, RecordingJobs(), min_labels=50)
+    assert (signals.estimation_error, signals.estimation_error_n) == (0.05, 60)
