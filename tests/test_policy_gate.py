@@ -124,13 +124,16 @@ def test_gate_passes_a_significant_gain_that_forgets_nothing():
 
 
 def test_gate_refuses_a_gain_that_is_noise():
-    rng = np.random.default_rng(0)
-    champion = rng.random(100) < 0.8
+    """A real but noise-sized gain: the challenger is right on 5 items the champion missed and wrong on
+    3 it got (net +2 of 100). The point gain clears delta=0; only the paired test (one-sided exact
+    McNemar, p = P(X >= 5 | 8, 1/2) = 93/256 = 0.36) refuses it."""
+    champion = _flags(100, 80)  # right on items 0..79
     challenger = champion.copy()
-    flip = rng.choice(100, 6, replace=False)
-    challenger[flip[:4]] = True
-    challenger[flip[4:]] = False  # net +2 or so: within noise
+    challenger[80:85] = True  # gained
+    challenger[0:3] = False  # lost
     r = evaluate(champion, challenger, _flags(50, 45), _flags(50, 45), GateConfig(delta=0.0))
+    assert (r.challenger_only_correct, r.champion_only_correct) == (5, 3) and r.fresh_gain == pytest.approx(0.02)
+    assert r.p_value == pytest.approx(93 / 256)
     assert not r.passed and any("McNemar" in x for x in r.reasons)
 
 
