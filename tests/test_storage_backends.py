@@ -158,14 +158,20 @@ def test_sqlite_commit_policy_is_a_setting(tmp_path, monkeypatch):
     monkeypatch.setenv("DRIFTLOOP_DB_SYNCHRONOUS", "sometimes")
     with pytest.raises(DriftloopError, match="DRIFTLOOP_DB_SYNCHRONOUS"):
         get_engine(url)
-    # with `normal`, rows committed by a process killed right after its commit are all there
+    # rows committed by a writer killed right after its commits are all there. A kill -9 cannot tell
+    # `normal` from `off` (the operating system keeps the written pages either way; only a power loss
+    # or an OS crash can): what this shows is that the writer really ran with the default, `normal`,
+    # in WAL mode (printed by the writer itself), and that its acknowledged commits survive its death.
     monkeypatch.delenv("DRIFTLOOP_DB_SYNCHRONOUS")
     code = ("import os, signal; from core import predlog; from core.statedb import get_engine; "
             f"from tests.test_storage_backends import _predictions; e = get_engine({url!r}); predlog.ensure_schema(e); "
+            "c = e.connect(); print(c.exec_driver_sql('PRAGMA synchronous').scalar(), c.exec_driver_sql('PRAGMA journal_mode').scalar(), "
+            "flush=True); c.close(); "
             "[predlog.write_batch(e, 'm:k', _predictions(10, start=1000 + 10 * i)) for i in range(20)]; "
             "os.kill(os.getpid(), signal.SIGKILL)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr
+    assert proc.stdout.split() == ["1", "wal"], proc.stdout  # NORMAL, WAL: the writer's own settings
     from core import predlog
 
     assert predlog.count(get_engine(url), "m:k") == 200
