@@ -11,9 +11,10 @@ Two kinds, kept apart because they answer different questions:
   least sure row of each cluster, one text at most once. Margin alone piles a batch onto one
   confusing region (near-duplicates); clustering first and picking by margin within clusters is
   the "cluster-margin" recipe (Citovsky et al., NeurIPS 2021), here with scikit-learn's KMeans.
-  A library of query strategies (small-text) wraps the same two steps around its own classifier
-  and dataset types, which the logged probabilities and embeddings would have to be dressed up
-  as; the two steps are a dozen lines on arrays the log already holds.
+  small-text (1.4.1, read for this) offers each half alone: BreakingTies (margin, through a
+  classifier's predict_proba) and EmbeddingKMeans (the row nearest each k-means centre, on
+  precomputed embeddings, uncertainty ignored); not the least sure row within each cluster, which
+  is what a batch needs here. So the combination is written out, on the arrays the log holds.
 """
 
 from __future__ import annotations

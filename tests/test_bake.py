@@ -71,3 +71,23 @@ def test_the_bake_never_rolls_back_a_model_an_operator_promoted_meanwhile(db_url
     assert out is None, "refused: production moved meanwhile"
     assert alias.current(engine=engine).tag == "m:operator"
     assert audit.last(engine, "rollback") is None
+
+
+def test_the_real_shadow_scorer_scores_the_previous_champion_as_it_serves(registered_tiny_model):
+    """ShadowScorer loads the previous champion on the runtime it served on and says, per item,
+    whether it is right: the same answers that model gives through the serving code."""
+    from core import inference
+    from loop.bake import ShadowScorer
+
+    texts = ["the battery lasts for days", "it broke after a week", "great value", "awful support", "fine"]
+    served = inference.load_predictor(registered_tiny_model, device="cpu").predict(texts)
+    names = inference.load_predictor(registered_tiny_model, device="cpu").label_names
+    predicted = [names[i] for i in served.labels]
+    truth = [predicted[0], "negative" if predicted[1] == "positive" else "positive", predicted[2], predicted[3],
+             "negative" if predicted[4] == "positive" else "positive"]
+    scorer = ShadowScorer()
+    flags = scorer.correct(registered_tiny_model, texts, truth, served_on="torch")
+    assert flags == [True, False, True, True, False]
+    assert scorer._tag is not None  # kept between passes
+    scorer.release()
+    assert scorer._tag is None and scorer._predictor is None

@@ -73,7 +73,6 @@ def _refine_through_a_controller(home: Path, kill: bool) -> dict:
 def test_two_generations_replay_every_ancestor_and_grow_the_regression_suite(tmp_path, tiny_model_dir, monkeypatch):
     from core import data_store
     from core.data_store import DatasetRef
-    from loop.refine import allocate
 
     home = tmp_path / "home"
     home.mkdir()
@@ -124,7 +123,10 @@ def test_two_generations_replay_every_ancestor_and_grow_the_regression_suite(tmp
     assert gate2["model_version"] == gen2 and gate2["regression_n"] == s1 and gate2["regression_p_value"] is not None
     assert lin2["reference"]["n"] == s2 and lin2["reference"]["profile_source"].startswith(f"newest 200 texts served by {gen1}")
     assert lin2["training"]["train_rows"] > 0
-    assert allocate(budget, {gen0: 10_000, gen1: 10_000}) == d2["replay_by_generation"]
+    # both generations hold at least half the budget, so each gives half of it (within one row)
+    assert lin0["own"]["rows"] >= budget and d1["fresh_rows"] >= budget - budget // 2
+    assert set(d2["replay_by_generation"]) == {gen0, gen1}
+    assert sorted(d2["replay_by_generation"].values()) == [budget // 2, budget - budget // 2]
 
 
 def test_allocate_shares_replay_equally_and_gives_what_a_small_generation_lacks_to_the_others():

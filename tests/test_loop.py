@@ -205,7 +205,8 @@ def test_up_runs_service_controller_and_prometheus_and_stops_them_all_on_ctrl_c(
     env.pop("DRIFTLOOP_DB_URL", None)
     log = open(home / "up.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "driftloop", "up", "--base-model", str(tiny_model_dir), "--epochs", "1",
-                             "--port", str(port), "--controller-port", str(cport), "--prometheus-port", str(pport)],
+                             "--port", str(port), "--controller-port", str(cport), "--prometheus-port", str(pport),
+                             "--no-labels"],  # Label Studio under `up`: tests/test_operators.py
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     want = [f"http://127.0.0.1:{port}/readyz", f"http://127.0.0.1:{cport}/healthz"]
     if shutil.which("prometheus"):
@@ -287,16 +288,31 @@ def test_scheduled_passes_give_a_verdict_only_on_enough_new_predictions(home, ti
         store.ensure_schema(engine)
         return [r for r in store.recent(engine, limit=50) if r["status"] == "ok"]
 
+    def jobs_run() -> float:
+        """Scheduled monitor passes the controller has run (its own counter, on /metrics)."""
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        line = next(x for x in metrics.splitlines() if x.startswith("driftloop_controller_monitor_jobs_total "))
+        return float(line.split()[-1])
+
+    def after_more_passes(n: int, timeout: float = 60) -> None:
+        """Return once the scheduler ran `n` more monitor passes: "no new verdict" then means the
+        passes ran and decided so, not that none happened to run."""
+        target = jobs_run() + n
+        deadline = time.time() + timeout
+        while jobs_run() < target:
+            assert time.time() < deadline, f"fewer than {n} scheduled passes in {timeout}s:\n{(home / 'controller.log').read_text()[-2000:]}"
+            time.sleep(0.3)
+
     try:
         controller.wait_http(f"http://127.0.0.1:{port}/healthz")
         deadline = time.time() + 60
         while not verdicts() and time.time() < deadline:
             time.sleep(0.5)
-        time.sleep(6)  # six more scheduled ticks, no new traffic: no new verdict
+        after_more_passes(4)  # scheduled passes with no new traffic: no new verdict
         first = verdicts()
         assert len(first) == 1 and first[0]["window_last_id"] == 120, first
         log_traffic(env, tag, [(t, 0) for t in markets[120:160]])  # 40 new < 60: still none
-        time.sleep(4)
+        after_more_passes(3)
         assert len(verdicts()) == 1
         log_traffic(env, tag, [(t, 0) for t in markets[160:190]])  # 70 new since the verdict
         deadline = time.time() + 30
