@@ -101,9 +101,14 @@ class Studio:
             raise StudioUnavailable(f"Label Studio {method} {path}: HTTP {response.status_code} {response.text[:200]}")
         return response
 
+    def check(self) -> None:
+        """Raise StudioUnavailable unless Label Studio answers its health check."""
+        self._call("GET", "/health")
+
     def healthy(self) -> bool:
         try:
-            return self._call("GET", "/health").status_code == 200
+            self.check()
+            return True
         except StudioUnavailable:
             return False
 
@@ -189,6 +194,7 @@ def sync(engine: Engine, studio: Studio, config: LabelsConfig, webhook_url: str 
     """Expire old requests, send the pending ones, and poll answers to those sent: one round.
     `label_names` (model version → names) spares the model store where the caller knows them.
     Raises StudioUnavailable when Label Studio cannot be reached (nothing is lost: requests stay queued)."""
+    studio.check()  # every round, work or not: /status and driftloop_labels_tool_up say whether it is reachable
     expired = requests.expire(engine, config, now)
     names: dict[str, list[str]] = dict(label_names or {})
     sent = 0

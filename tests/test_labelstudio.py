@@ -271,3 +271,50 @@ def test_the_project_page_shows_the_queue_with_the_models_guesses(studio_process
     assert sum(score in text for score in scores) >= 3, (scores, text[-2000:])  # the model's scores, shown beside its guesses
     assert len(png) > 10_000
     browser.keep_screenshot(png, "labelstudio-queue.png")
+
+
+def test_with_label_studio_down_the_controller_monitors_and_says_so(home, tiny_model_dir, monkeypatch):
+    """Label Studio unreachable from the start (its port closed): the controller's scheduled passes
+    go on, the sync fails fast, and /status and /metrics say since when; requests stay queued."""
+    from core import tokens
+    from driftloop.procs import Proc, free_port
+
+    monkeypatch.setenv("DRIFTLOOP_HOME", str(home))
+    tokens.ensure("labelstudio")  # as `driftloop up` made it when it first started Label Studio
+    from tests.conftest import DEMO, cli_json
+    from tests.traffic import log_traffic
+
+    tag = cli_json(["train", "--data", "demo:reviews", "--base-model", str(tiny_model_dir), "--epochs", "1", "--max-rows", "120",
+                    "--quiet", "--promote", "always", "--set", "report=false"], home)["model"]
+    env = {**os.environ, "DRIFTLOOP_HOME": str(home)}
+    for key in ("BENTOML_HOME", "DRIFTLOOP_DB_URL"):
+        env.pop(key, None)
+    markets = [line.rsplit("\t", 1)[0] for line in (DEMO / "markets.tsv").read_text(encoding="utf-8").splitlines()[1:]]
+    log_traffic(env, tag, [(t, 0) for t in markets[:150]])
+    port, dead = free_port(), free_port()
+    controller = Proc(["controller", "--port", str(port), "--monitor-interval", "1", "--window", "100", "--min-samples", "50",
+                       "--set", "monitor.min_new_predictions=20", "--set", "monitor.report=false",
+                       "--set", f"labels.studio_url=http://127.0.0.1:{dead}", "--set", "labels.sync_interval_s=1"],
+                      env, home / "controller.log")
+    try:
+        controller.wait_http(f"http://127.0.0.1:{port}/healthz")
+        base = f"http://127.0.0.1:{port}"
+
+        def state():
+            status = httpx.get(f"{base}/status", timeout=10).json()
+            return status if status["labels"]["tool"]["up"] is False and status["last_monitor_pass"] else None
+
+        status = _wait(state, timeout=90)
+        assert status, (home / "controller.log").read_text()[-3000:]
+        assert status["labels"]["tool"]["down_since"] and "unreachable" in status["labels"]["tool"]["last_error"]
+        runs = status["last_monitor_pass"]["run_id"]
+        log_traffic(env, tag, [(t, 0) for t in markets[150:200]])  # more traffic: monitoring goes on
+        assert _wait(lambda: httpx.get(f"{base}/status", timeout=10).json()["last_monitor_pass"]["run_id"] > runs, timeout=60)
+        metrics = httpx.get(f"{base}/metrics", timeout=10).text
+        assert "driftloop_labels_tool_up 0.0" in metrics
+        errors = [line for line in metrics.splitlines() if line.startswith("driftloop_labels_sync_errors_total ")]
+        assert errors and float(errors[0].split()[-1]) >= 1
+        log = (home / "controller.log").read_text()
+        assert log.count("Label Studio unreachable") == 1, "one line per change of state, not one per sync"
+    finally:
+        controller.stop()
