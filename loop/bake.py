@@ -98,7 +98,11 @@ def bake_check(engine: Engine, verdict: Verdict, policy: PolicyConfig, *, scorer
         scorer.release()
     cmp = PairedComparison.of(old, [served == f for _, served, f in items])
     p_worse = mcnemar_one_sided(cmp.losses, cmp.gains)  # evidence that the previous champion is better
-    details = {"previous": previous, "paired": cmp.to_json(), "p_value_worse": p_worse, "alpha": policy.bake_alpha}
+    details = {"previous": previous, "paired": cmp.to_json(), "p_value_worse": p_worse, "alpha": policy.bake_alpha,
+               # what this bake could see: the smallest loss its items catch with bake_power at bake_discordance
+               "power": {"items": cmp.n, "detectable_loss": policy.bake_detectable_loss(), "at_power": policy.bake_power,
+                         "assumed_discordance": policy.bake_discordance,
+                         "observed_discordance": (cmp.gains + cmp.losses) / cmp.n if cmp.n else None}}
     if p_worse <= policy.bake_alpha:
         reason = (f"bake: on the same {cmp.n} labelled items the new champion scored {cmp.candidate_accuracy:.3f}, the previous "
                   f"{cmp.incumbent_accuracy:.3f} ({cmp.losses} lost, {cmp.gains} gained, McNemar p={p_worse:.3g} <= {policy.bake_alpha})")

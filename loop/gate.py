@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from loop.paired import PairedComparison, mcnemar_one_sided, noninferiority_p
+from loop.paired import PairedComparison, mcnemar_one_sided, noninferiority_n, noninferiority_p
 
 __all__ = ["GateConfig", "GateResult", "evaluate", "mcnemar_one_sided"]
 
@@ -95,9 +95,14 @@ def evaluate(champion_fresh: np.ndarray, challenger_fresh: np.ndarray, champion_
         result.regression_gains, result.regression_losses = reg.gains, reg.losses
         result.regression_p_value = noninferiority_p(reg.gains, reg.losses, reg.n, config.epsilon)
         if result.regression_p_value > config.regression_alpha:
+            # say whether the suite could have shown it: at the disagreement seen, how many items it takes
+            disagreement = max((reg.gains + reg.losses) / reg.n, 0.01)
+            needed = noninferiority_n(config.epsilon, disagreement, config.regression_alpha)
+            small = (f"; at this disagreement ({disagreement:.1%}) showing it takes >= {needed} items: the suite is too small"
+                     if reg.n < needed else "")
             result.reasons.append(
                 f"regression suite: non-inferiority at margin {config.epsilon:.3f} not shown (p={result.regression_p_value:.3g} > "
-                f"{config.regression_alpha}; loss {result.regression_loss:+.3f} on {reg.n} items, {reg.gains} gained, {reg.losses} lost)")
+                f"{config.regression_alpha}; loss {result.regression_loss:+.3f} on {reg.n} items, {reg.gains} gained, {reg.losses} lost{small})")
     result.passed = not result.reasons
     return result
 

@@ -11,6 +11,7 @@ the incumbent got right, out of `n` items.
   promoting a model that forgot more than the margin by alpha. Tango's score test keeps its size
   close to alpha with few discordant pairs, where the Wald test does not (it is undefined at 0).
 - `noninferiority_n`: how many items such a test needs, to state "n is large enough to decide".
+- `mcnemar_power`, `mcnemar_n`, `mcnemar_detectable_loss`: the same for the bake's McNemar test.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import asdict, dataclass
 from math import comb
 
 import numpy as np
-from scipy.stats import norm
+from scipy.stats import binom, norm
 
 
 def mcnemar_one_sided(gains: int, losses: int) -> float:
@@ -64,6 +65,45 @@ def noninferiority_n(margin: float, discordance: float, alpha: float = 0.05, pow
     `discordance` of items: n ≥ discordance · (z_{1−α} + z_{power})² / margin²."""
     z = norm.isf(alpha) + norm.isf(1 - power)
     return int(math.ceil(discordance * z * z / (margin * margin)))
+
+
+def _mcnemar_critical(discordant: np.ndarray, alpha: float) -> np.ndarray:
+    """For each count of discordant items D, the fewest losses L with exact one-sided p = P(X ≥ L | D, 1/2) ≤ alpha."""
+    crit = binom.ppf(1 - alpha, discordant, 0.5).astype(int) + 1  # P(X ≥ crit) ≤ alpha, the smallest such
+    return np.where(binom.sf(crit - 2, discordant, 0.5) <= alpha, crit - 1, crit)
+
+
+def mcnemar_power(n: int, discordance: float, loss: float, alpha: float) -> float:
+    """Power of the exact one-sided McNemar test on `n` paired items to find the new model worse,
+    when the two models disagree on a share `discordance` of items and the new one is `loss` less
+    accurate: among disagreements, a share (discordance + loss) / (2 · discordance) are its losses.
+    Exact: summed over the binomial count of disagreements."""
+    if not 0 < loss <= discordance <= 1:
+        raise ValueError(f"need 0 < loss ({loss}) <= discordance ({discordance}) <= 1")
+    q = (discordance + loss) / (2 * discordance)
+    counts = np.arange(n + 1)
+    weights = binom.pmf(counts, n, discordance)
+    keep = weights > 1e-12
+    counts, weights = counts[keep], weights[keep]
+    return float(np.sum(weights * binom.sf(_mcnemar_critical(counts, alpha) - 1, counts, q)))
+
+
+def mcnemar_n(loss: float, discordance: float, alpha: float = 0.05, power: float = 0.8, n_max: int = 20_000) -> int:
+    """The fewest paired items at which `mcnemar_power` reaches `power` (and stays there for the
+    next 10: the exact test's power saw-tooths with n)."""
+    for n in range(10, n_max):
+        if all(mcnemar_power(m, discordance, loss, alpha) >= power for m in range(n, n + 11)):
+            return n
+    raise ValueError(f"no n <= {n_max} detects a loss of {loss} at discordance {discordance}")
+
+
+def mcnemar_detectable_loss(n: int, discordance: float, alpha: float = 0.05, power: float = 0.8) -> float | None:
+    """The smallest loss (to 0.1 point) that `n` paired items catch with the given power (None: not
+    even a loss as large as the disagreement itself)."""
+    for tenths in range(1, int(round(discordance * 1000)) + 1):
+        if mcnemar_power(n, discordance, tenths / 1000, alpha) >= power:
+            return tenths / 1000
+    return None
 
 
 @dataclass

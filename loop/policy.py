@@ -23,8 +23,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy.stats import norm
+
+from loop.paired import mcnemar_detectable_loss, mcnemar_n
 
 Mode = Literal["drift_and_performance", "drift", "performance", "schedule", "manual"]
 
@@ -38,16 +40,38 @@ class PolicyConfig(BaseModel):
     alpha: float = Field(0.05, gt=0, lt=0.5, description="One-sided level at which the accuracy drop must be significant.")
     min_labels: int = Field(50, ge=1, description=(
         "Realized accuracy counts only from this many labels in the window; the estimate's error needs as many."))
-    bake_labels: int = Field(200, ge=10, description=(
-        "After a promotion, the previous champion shadow-scores this many labelled items of the new one; "
-        "then one paired test decides keep or roll back. At 200 items a 5-point loss with 10 % disagreement "
-        "(15 items lost, 5 gained) gives McNemar p = 0.02."))
+    bake_labels: int = Field(0, ge=0, description=(
+        "After a promotion, the previous champion shadow-scores this many labelled items of the new one; then one "
+        "paired test decides keep or roll back. 0 (default): as many as catch a loss of bake_min_loss with "
+        "bake_power at bake_discordance (268 at the defaults; 200 items would catch only a 5.8-point loss)."))
+    bake_min_loss: float = Field(0.05, gt=0, lt=1, description=(
+        "The smallest accuracy loss of a new champion the bake must catch (with bake_power)."))
+    bake_discordance: float = Field(0.10, gt=0, le=1, description=(
+        "Share of items on which the old and new champion are assumed to disagree (a refinement's measured "
+        "disagreement on its gate items is of this order); the bake's power depends on it."))
+    bake_power: float = Field(0.8, gt=0.5, lt=1, description="Chance the bake catches a loss of bake_min_loss.")
     bake_alpha: float = Field(0.05, gt=0, lt=0.5, description="Roll back when the paired test says the new champion is worse at this level.")
     min_new_labels: int = Field(100, ge=0, description="Feedback labels needed since the last retrain (training data for the refinement).")
     cooldown_s: float = Field(600.0, ge=0, description="Seconds after a retrain during which no other starts.")
     max_retrains_per_day: int = Field(6, ge=0)
     schedule_every_h: float = Field(24.0, gt=0, description="Mode `schedule`: retrain this often.")
     dry_run: bool = Field(False, description="Only record what the policy would do.")
+
+    @model_validator(mode="after")
+    def _bake_size(self) -> "PolicyConfig":
+        """bake_labels from the loss it must catch (McNemar's power, loop/paired.py), unless set."""
+        if self.bake_discordance < self.bake_min_loss:
+            raise ValueError(f"policy.bake_discordance {self.bake_discordance} < policy.bake_min_loss {self.bake_min_loss}: "
+                             "two models cannot differ in accuracy by more than the share of items they disagree on")
+        if self.bake_labels == 0:
+            self.bake_labels = mcnemar_n(self.bake_min_loss, self.bake_discordance, self.bake_alpha, self.bake_power)
+        elif self.bake_labels < 10:
+            raise ValueError(f"policy.bake_labels {self.bake_labels} < 10: too few items for a paired test (0: derive it)")
+        return self
+
+    def bake_detectable_loss(self) -> float | None:
+        """The smallest loss the bake catches with bake_power at bake_discordance, with its bake_labels."""
+        return mcnemar_detectable_loss(self.bake_labels, self.bake_discordance, self.bake_alpha, self.bake_power)
 
 
 @dataclass

@@ -274,7 +274,7 @@ def test_a_log_with_texts_keeps_the_bake_waiting_for_its_items(db_url):
     write_days(engine, "m:new", [-0.01], per_day=40)
     assert bake.bake_check(engine, types.SimpleNamespace(model_version="m:new"), PolicyConfig()) is None
     status = bake.bake_status(engine, "m:new", PolicyConfig())
-    assert status["labelled_items_with_text"] == 20 and status["needed"] == 200 and status["state"] == "waiting for labelled items"
+    assert status["labelled_items_with_text"] == 20 and status["needed"] == PolicyConfig().bake_labels and status["state"] == "waiting for labelled items"
 
 
 def test_retention_settings_are_checked():
