@@ -106,11 +106,12 @@ def bake_check(engine: Engine, verdict: Verdict, policy: PolicyConfig, *, scorer
     if p_worse <= policy.bake_alpha:
         reason = (f"bake: on the same {cmp.n} labelled items the new champion scored {cmp.candidate_accuracy:.3f}, the previous "
                   f"{cmp.incumbent_accuracy:.3f} ({cmp.losses} lost, {cmp.gains} gained, McNemar p={p_worse:.3g} <= {policy.bake_alpha})")
-        # undo exactly this promotion: back to `previous`, and only if production still serves the model
-        # baked (an operator may have promoted another meanwhile: that one is not the bake's to undo)
+        # undo exactly this promotion, and only while production still serves the model baked (an operator
+        # may have promoted another meanwhile: that one is not the bake's to undo). With the pointer still
+        # at `version`, rolling back returns it to the model that promotion replaced, `previous`.
         checks = [c for c in (fence.check if fence else None, alias.still_at(version, doing="rolling back")) if c is not None]
         try:
-            production.rollback(to=previous, reason=reason, actor="controller", engine=engine,
+            production.rollback(reason=reason, actor="controller", engine=engine,
                                 fence=lambda conn: [check(conn) for check in checks], **details)
         except DriftloopError as err:
             log.warning("bake rollback of %s refused: %s", version, err)
