@@ -104,7 +104,7 @@ def test_int8_traffic_is_tested_against_a_reference_profiled_with_int8(tag, db_u
     size, as the reference was made: int8's activation scales depend on the batch): the monitor tests
     it against the reference the int8 graph computes, which matches it exactly (p = 1, no verdict).
     The PyTorch-profiled reference does not match the same texts as int8 serves them: the confidence
-    test sees two different samples (p = 0.57 here, measured). On this tiny random model that is no
+    test sees two different samples (p < 1; 0.57 in one run). On this tiny random model that is no
     drift verdict; on the real MiniLM it is one (p = 0.0047 over 1,000 stable requests,
     bench/runtime_drift.py), which is why each runtime gets its own reference."""
     from core import predlog, profile
@@ -137,8 +137,8 @@ def test_int8_traffic_is_tested_against_a_reference_profiled_with_int8(tag, db_u
     torch_ref = Reference.load(tag, "torch")
     assert np.abs(torch_ref.frame["confidence"].to_numpy() - Reference.load(tag, "onnx-int8").frame["confidence"].to_numpy()).max() > 1e-4
     p_torch = {t.name: t.p_value for t in run_pass(torch_ref, win, config).tests}
-    assert p_torch["confidence"] < 0.9 and p_torch["prob_positive"] < 0.9, p_torch  # not the same sample any more
-    assert p_int8["confidence"] == p_int8["prob_positive"] == 1.0  # while int8's own reference is exactly it
+    assert p_int8["confidence"] == p_int8["prob_positive"] == 1.0  # int8's own reference is exactly its traffic
+    assert p_torch["confidence"] < 1.0 and p_torch["prob_positive"] < 1.0, p_torch  # the PyTorch profile is another sample
 
 
 def test_a_changed_runtime_reference_is_refused(tag, db_url):
