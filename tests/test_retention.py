@@ -29,7 +29,8 @@ def _rows(n: int, start: int):
                              embedding=np.ones(64, dtype=np.float32)) for i in range(n)]
 
 
-def write_days(engine, version: str, ages_days: list[float], per_day: int = 20, store_text: bool = True) -> dict[float, list[int]]:
+def write_days(engine, version: str, ages_days: list[float], per_day: int = 20, store_text: bool = True,
+               base: dt.datetime | None = None) -> dict[float, list[int]]:
     """`per_day` rows at each age (days before NOW), oldest first; half of them labelled. Returns
     the ids written at each age. On Postgres the day partitions are made as the controller would
     have made them on those days."""
@@ -46,7 +47,7 @@ def write_days(engine, version: str, ages_days: list[float], per_day: int = 20, 
         first = predlog.max_id(engine) + 1
         start = first * 1000
         rows = _rows(per_day, start)
-        predlog.write_batch(engine, version, rows, at=NOW - dt.timedelta(days=age), store_text=store_text)
+        predlog.write_batch(engine, version, rows, at=(base or NOW) - dt.timedelta(days=age), store_text=store_text)
         predlog.record_feedback(engine, [(r.request_id, "positive") for r in rows[::2]], lambda v: ["negative", "positive"])
         ids[age] = list(range(first, predlog.max_id(engine) + 1))
     return ids
@@ -168,9 +169,9 @@ def test_an_unfinished_bake_holds_the_new_champions_rows(db_url):
     write_days(engine, "m:old", [9])
     production.promote("m:old", reason="first", actor="test", engine=engine, verify=False)
     production.promote("m:new", reason="gate passed", actor="test", engine=engine, verify=False)
-    ids = write_days(engine, "m:new", [-0.01])  # served after the promotion
+    ids = write_days(engine, "m:new", [-0.01], base=dt.datetime.now(UTC))  # served after the promotion (real time: a long suite)
     config = retention.RetentionConfig(raw_days=0.1, days=30, pause_s=0)
-    later = NOW + dt.timedelta(days=1)
+    later = dt.datetime.now(UTC) + dt.timedelta(days=1)
     upkeep.run_retention(engine, config, now=later)
     assert all(rows_by_id(engine)[i]["text"] for i in ids[-0.01]), "bake items kept"
     assert all(r["text"] is None for r in rows_by_id(engine).values() if r["model_version"] == "m:old")
@@ -244,7 +245,7 @@ def test_a_hash_only_log_never_leaves_the_bake_or_the_policy_waiting(db_url):
     write_days(engine, "m:old", [3], store_text=False)
     production.promote("m:old", reason="first", actor="test", engine=engine, verify=False)
     production.promote("m:new", reason="manual", actor="test", engine=engine, verify=False)
-    write_days(engine, "m:new", [-0.01], per_day=300, store_text=False)  # after the promotion
+    write_days(engine, "m:new", [-0.01], per_day=300, store_text=False, base=dt.datetime.now(UTC))  # after the promotion
 
     store.ensure_schema(engine)
     app = controller.build_app(engine, controller.MetricsRefresher(engine))
@@ -271,7 +272,7 @@ def test_a_log_with_texts_keeps_the_bake_waiting_for_its_items(db_url):
     engine = get_engine(db_url)
     production.promote("m:old", reason="first", actor="test", engine=engine, verify=False)
     production.promote("m:new", reason="manual", actor="test", engine=engine, verify=False)
-    write_days(engine, "m:new", [-0.01], per_day=40)
+    write_days(engine, "m:new", [-0.01], per_day=40, base=dt.datetime.now(UTC))
     assert bake.bake_check(engine, types.SimpleNamespace(model_version="m:new"), PolicyConfig()) is None
     status = bake.bake_status(engine, "m:new", PolicyConfig())
     assert status["labelled_items_with_text"] == 20 and status["needed"] == PolicyConfig().bake_labels and status["state"] == "waiting for labelled items"
