@@ -585,6 +585,9 @@ def month(args, engines: Engines, tag: str, pool: Pool, results: dict) -> None:
             now = day_start + dt.timedelta(days=1, minutes=5)  # the retention run just after the day ends
             ret_s, summary = timed(lambda: run_retention(engine, config, now=now))
             stats = retention.stats(engine, config, now=now)
+            if engine.dialect.name == "postgresql":  # stats' row count there is the planner's estimate: count them
+                with engine.connect() as conn:
+                    stats["rows"] = int(conn.exec_driver_sql("SELECT count(*) FROM predictions").scalar())
             mp = monitor_and_policy(engine, tag, 1)
             age = lambda iso: (now - dt.datetime.fromisoformat(iso)).total_seconds() / 86400 if iso else None  # noqa: E731
             row = {"day": d + 1, "bytes": disk(engine) if engine.dialect.name == "sqlite" else stats["bytes"],
