@@ -500,7 +500,9 @@ def compaction(args, url: str, engine, service: Service, texts: list[str]) -> li
                    "p99_with_ms": p99_with, "ratio": p99_with / p99_without, "errors_with": sum(x["errors"] for x in with_),
                    "errors_without": sum(x["errors"] for x in without),
                    "rows_per_s": {m: median([x["retention_rows_per_s"] for x in with_ if x["retention"] == m]) for m in modes}}
-        summary["pass"] = summary["ratio"] <= 1.2 and summary["errors_with"] == 0
+        # a round in which retention did nothing measures nothing (seen on Postgres: docs/benchmarks.md)
+        summary["retention_progressed"] = all(x["retention_rows"] > 0 for x in with_)
+        summary["pass"] = summary["ratio"] <= 1.2 and summary["errors_with"] == 0 and summary["retention_progressed"]
         # the traffic this setting keeps up with: every row is compacted once and deleted once, by runs of at
         # most max_run_s every interval_s (the shipped schedule)
         rates = [v for v in summary["rows_per_s"].values() if v]
@@ -679,8 +681,10 @@ def report(args, results: dict) -> list[tuple[str, bool, str]]:
         print(f"\nmedian p99 without {s['p99_without_ms']} ms, with {s['p99_with_ms']} ms ({s['ratio']:.2f}x); errors with "
               f"{s['errors_with']}, without {s['errors_without']}; retention rows/s under this load (median): {s['rows_per_s']}; "
               f"traffic it keeps up with at max_run_s/interval_s = 600/3600: {s.get('sustained_rows_per_s')} rows/s")
-        checks.append((f"compaction under load, batch_rows={s['batch_rows']} pause_s={s['pause_s']}: p99 <= 1.2x and 0 errors",
-                       s["pass"], f"{s['ratio']:.2f}x, {s['errors_with']} errors"))
+        checks.append((f"compaction under load, batch_rows={s['batch_rows']} pause_s={s['pause_s']}: p99 <= 1.2x and 0 errors, "
+                       "retention working in every round", s["pass"],
+                       f"{s['ratio']:.2f}x, {s['errors_with']} errors, rows per round: "
+                       + ", ".join(f"{x['retention_rows']:,}" for x in s["rounds"] if x["retention"] != "none")))
     m = results.get("month")
     if m and m.get("days"):
         days = m["days"]
@@ -713,7 +717,7 @@ def report(args, results: dict) -> list[tuple[str, bool, str]]:
                            f"{fmt_s(first)} -> {fmt_s(last)}"))
             rt = [r["retention_s"] for r in tail]
             checks.append(("month: every retention run finished", all(r["finished"] for r in days), f"last 5 days {fmt_s(min(rt))}..{fmt_s(max(rt))}"))
-            untouched = [r for r in days if not (r["compacted"] or r["deleted"] or r["partitions_dropped"])]
+            untouched = [r for r in days if r["rows"] and not (r["compacted"] or r["deleted"] or r["partitions_dropped"])]
             b_raw = untouched[-1]["bytes"] / untouched[-1]["rows"] if untouched else None
             if b_raw:
                 bound = args.keep_days * args.per_day * b_raw
