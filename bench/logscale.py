@@ -351,9 +351,10 @@ def before_window(engine, tag: str, repeats: int = 1) -> dict:
     """The issue's 'before': window_rows(last=1000)'s query on the old (model_version, created_at) index."""
     from core.descriptors import DESCRIPTOR_COLUMNS  # noqa: PLC0415
 
-    cols = ", ".join(["id", "created_at", "label", "confidence", "probs", "truncated", "embedding", "feedback_label", "runtime",
-                      *DESCRIPTOR_COLUMNS])
-    sql = f"SELECT {cols} FROM predictions INDEXED BY ix_old WHERE model_version = ? ORDER BY id DESC LIMIT 1000"
+    cols = ", ".join([*(f"p.{c}" for c in ("id", "created_at", "label", "confidence", "probs", "truncated")),
+                      "COALESCE(r.embedding, p.embedding)", *(f"p.{c}" for c in ("feedback_label", "runtime", *DESCRIPTOR_COLUMNS))])
+    sql = (f"SELECT {cols} FROM predictions AS p INDEXED BY ix_old LEFT JOIN prediction_raw AS r ON r.id = p.id "
+           "WHERE p.model_version = ? ORDER BY p.id DESC LIMIT 1000")
     t0 = time.perf_counter()
     with engine.begin() as conn:
         conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_old ON predictions (model_version, created_at)")
@@ -431,7 +432,7 @@ def scale(args, engines: Engines, tag: str, pool: Pool, texts: list[str], result
 
 def retention_worker(url: str, mode: str, batch_rows: int, pause_s: float) -> None:
     """The retention run of the compaction test, in its own process as the controller's is: 'compact'
-    strips text and embedding from every row older than 15 minutes (nothing deleted); 'delete'
+    deletes the text and embedding of every row older than 15 minutes (nothing else); 'delete'
     deletes every row older than 15 minutes. Runs until stopped."""
     from core import retention  # noqa: PLC0415
     from core.statedb import get_engine  # noqa: PLC0415
@@ -454,7 +455,9 @@ def _edges(engine) -> tuple[int, int]:
 
     with engine.connect() as conn:
         lo = conn.exec_driver_sql("SELECT min(id) FROM predictions").scalar()
-        raw = conn.exec_driver_sql(f"SELECT min(id) FROM predictions WHERE {predlog.RAW}").scalar()
+        raw = conn.exec_driver_sql("SELECT min(id) FROM prediction_raw").scalar()
+        if raw is None:  # nothing raw left: all compacted up to the newest row
+            raw = predlog.max_id(engine) + 1
     return int(lo or 0), int(raw or 0)
 
 
@@ -467,10 +470,10 @@ def compaction(args, url: str, engine, service: Service, texts: list[str]) -> li
     for batch_rows, pause_s in candidates:
         batch_rows = int(batch_rows)
         rounds = []
-        # on Postgres a delete of old rows is a DROP of their day partitions (milliseconds, measured in the month):
-        # the first delete round would drop the whole backlog, so there only compaction is measured under load
+        # on Postgres both deleting old rows and compacting are DROPs of day partitions (milliseconds): the
+        # first round drops the whole backlog, so there one compaction round is measured under load
         modes = ["compact", "delete"] if engine.dialect.name == "sqlite" else ["compact"]
-        for r, mode in enumerate(modes * args.compaction_rounds):
+        for r, mode in enumerate(modes * (args.compaction_rounds if engine.dialect.name == "sqlite" else 1)):
             for with_retention in (False, True):  # paired: a round without, then one with
                 worker = None
                 before = _edges(engine)
@@ -534,41 +537,14 @@ def packed_bytes(engine, scratch: Path) -> int:
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.exec_driver_sql("SET statement_timeout = 0")
         conn.exec_driver_sql("VACUUM FULL predictions")
+        conn.exec_driver_sql("VACUUM FULL prediction_raw")
     return int(retention.file_bytes(engine) or 0)
-
-
-def stepped_incremental_vacuum(engine, config, deadline: float) -> tuple[int, bool]:
-    """core/retention.incremental_vacuum as its docstring means it (--vacuum stepped): `PRAGMA
-    incremental_vacuum(N)` frees one page per sqlite3_step, and Python's sqlite3 steps a statement
-    that has no result columns once, fetchall() or not (the shipped loop frees one page per
-    transaction and pause); `executescript` steps each statement to its end, in its own transaction."""
-    freed = 0
-    with engine.connect() as conn:
-        if conn.exec_driver_sql("PRAGMA auto_vacuum").scalar() != 2:
-            return 0, True
-    while time.monotonic() < deadline:
-        with engine.connect() as conn:
-            raw = conn.connection.driver_connection
-            pending = int(raw.execute("PRAGMA freelist_count").fetchone()[0])
-            if not pending:
-                break
-            raw.executescript(f"PRAGMA incremental_vacuum({int(min(pending, config.vacuum_pages))});")
-            freed += pending - int(raw.execute("PRAGMA freelist_count").fetchone()[0])
-        if config.pause_s:
-            time.sleep(config.pause_s)
-    else:
-        return freed, False
-    with engine.connect() as conn:
-        conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
-    return freed, True
 
 
 def month(args, engines: Engines, tag: str, pool: Pool, results: dict) -> None:
     from core import retention  # noqa: PLC0415
     from loop.upkeep import run_retention  # noqa: PLC0415
 
-    if args.vacuum == "stepped":
-        retention.incremental_vacuum = stepped_incremental_vacuum
     url = engines.new("month")
     engine, writer = open_log(url, tag)
     config = retention.RetentionConfig(raw_days=args.raw_days, days=args.keep_days, max_run_s=args.month_max_run_s)
@@ -587,7 +563,7 @@ def month(args, engines: Engines, tag: str, pool: Pool, results: dict) -> None:
             now = day_start + dt.timedelta(days=1, minutes=5)  # the retention run just after the day ends
             ret_s, summary = timed(lambda: run_retention(engine, config, now=now))
             stats = retention.stats(engine, config, now=now)
-            if engine.dialect.name == "postgresql":  # stats' row count there is the planner's estimate: count them
+            if engine.dialect.name == "postgresql":  # stats' row count is the id span: the exact count, as a check
                 with engine.connect() as conn:
                     stats["rows"] = int(conn.exec_driver_sql("SELECT count(*) FROM predictions").scalar())
             mp = monitor_and_policy(engine, tag, 1)
@@ -601,7 +577,7 @@ def month(args, engines: Engines, tag: str, pool: Pool, results: dict) -> None:
             days.append(row)
             results["month"] = {"days": days}
         exact_rows = None
-        if engine.dialect.name == "postgresql":  # stats' row count is the planner's estimate there
+        if engine.dialect.name == "postgresql":  # stats' row count is the id span: the exact count, as a check
             with engine.connect() as conn:
                 exact_rows = int(conn.exec_driver_sql("SELECT count(*) FROM predictions").scalar())
         results["month"].update({"packed_bytes": packed_bytes(engine, engines.scratch), "exact_rows": exact_rows,
@@ -762,8 +738,6 @@ def main() -> None:
     p.add_argument("--raw-days", type=float, default=3.0)
     p.add_argument("--keep-days", type=float, default=10.0)
     p.add_argument("--month-max-run-s", type=float, default=600.0, help="Month: retention.max_run_s (default: the shipped 600).")
-    p.add_argument("--vacuum", choices=["shipped", "stepped"], default="shipped",
-                   help="Month, SQLite: the shipped incremental vacuum, or one that steps the pragma to its end (see stepped_incremental_vacuum).")
     p.add_argument("--train-rows", type=int, default=1000)
     p.add_argument("--pool", type=int, default=2000, help="Distinct SST-2 train sentences the synthetic rows are drawn from.")
     p.add_argument("--scratch", default="/tmp")

@@ -3,7 +3,8 @@
 A customer names their predictions by request id (the service answers each prediction with one) or
 their text by its sha256 (what the log keeps even in hash-only mode). Their text can sit in:
 
-- the prediction log (`predictions`): the row itself, with text, embedding and feedback. Deleted,
+- the prediction log (`predictions`, and `prediction_raw` for its text and embedding): the row
+  itself, with text, embedding and feedback. Deleted,
   all matching rows in one transaction (`DELETE ... RETURNING`, so what was deleted is exactly what
   is reported). Holds do not protect a row from this: a legal erasure outranks a refinement's wish
   to keep its rows. On SQLite the transaction runs with `secure_delete`, so the freed pages are
@@ -142,8 +143,12 @@ def _scan_hashes(engine: Engine, hashes: tuple[str, ...]) -> tuple[list[int], in
 
 
 def _delete_returning(conn: Connection, where) -> list[tuple[str, str]]:
+    """Delete the rows `where` selects and their raw content (text, embedding: core/predlog.py)."""
     c = predictions.c
-    return [(r, h) for r, h in conn.execute(delete(predictions).where(where).returning(c.request_id, c.text_sha256))]
+    gone = conn.execute(delete(predictions).where(where).returning(c.id, c.request_id, c.text_sha256)).all()
+    for part in _chunks([i for i, _, _ in gone]):
+        conn.execute(delete(predlog.raw).where(predlog.raw.c.id.in_(part)))
+    return [(r, h) for _, r, h in gone]
 
 
 def delete_rows(engine: Engine, selection: Selection) -> list[tuple[str, str]]:

@@ -1,9 +1,10 @@
-"""The prediction log on Postgres: a table partitioned by day, so retention drops days, not rows.
+"""The prediction log on Postgres: tables partitioned by day, so retention drops days, not rows.
 
 Deleting a day of a busy log row by row rewrites and vacuums gigabytes and holds row locks for
 minutes; `DROP TABLE` of that day's partition is a catalogue change that takes milliseconds and
-returns the space at once. So on Postgres `predictions` is declared `PARTITION BY RANGE
-(created_at)`, with one partition per UTC day (`predictions_pYYYYMMDD`) made ahead of time by every
+returns the space at once. So on Postgres `predictions` and its raw content `prediction_raw`
+(core/predlog.py) are each declared `PARTITION BY RANGE (created_at)`, with one partition per UTC
+day (`predictions_pYYYYMMDD`, `prediction_raw_pYYYYMMDD`) made ahead of time by every
 process that opens the log (the service at start, the controller at every retention run), and a
 DEFAULT partition that catches rows of a day nobody made in time (retention deletes those row by
 row). Everything else (queries, indexes, writes) is the same SQL as on SQLite: the parent's indexes
@@ -27,8 +28,18 @@ from sqlalchemy.engine import Connection, Engine
 log = logging.getLogger("driftloop.partitions")
 
 TABLE = "predictions"
+RAW_TABLE = "prediction_raw"
+TABLES = (TABLE, RAW_TABLE)  # each partitioned by day on its own
 DEFAULT_PARTITION = f"{TABLE}_default"
-PARTITION_NAME = re.compile(rf"^{TABLE}_p(\d{{8}})$")
+
+
+def default_partition(table: str = TABLE) -> str:
+    return f"{table}_default"
+
+
+def _partition_name(table: str) -> re.Pattern:
+    return re.compile(rf"^{table}_p(\d{{8}})$")
+
 LOCK_KEY = 0x6472_6966  # pg_advisory_xact_lock key: one process at a time changes the partitions
 DAYS_AHEAD = 7  # a week of partitions exists ahead of time: a controller may be down that long before rows fall into DEFAULT
 
@@ -37,52 +48,55 @@ def _column_ddl(table: Table) -> list[str]:
     dialect = postgresql.dialect()
     out = []
     for column in table.columns:
-        if column.name == "id":
-            out.append(f"id BIGINT NOT NULL DEFAULT nextval('{TABLE}_id_seq')")
+        if column.name == "id":  # the log's ids come from one sequence; the raw content takes its row's id
+            out.append(f"id BIGINT NOT NULL DEFAULT nextval('{TABLE}_id_seq')" if table.name == TABLE else "id BIGINT NOT NULL")
             continue
         kind = column.type.compile(dialect=dialect)
         out.append(f"{column.name} {kind}{'' if column.nullable else ' NOT NULL'}")
     return out
 
 
-def is_partitioned(conn: Connection) -> bool | None:
-    """True: the log is partitioned; False: an unpartitioned (older) log; None: no log yet."""
+def is_partitioned(conn: Connection, table: str = TABLE) -> bool | None:
+    """True: the table is partitioned; False: an unpartitioned (older) log; None: no such table yet."""
     kind = conn.execute(text("SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                             "WHERE c.relname = :name AND n.nspname = current_schema()"), {"name": TABLE}).scalar()
+                             "WHERE c.relname = :name AND n.nspname = current_schema()"), {"name": table}).scalar()
     return None if kind is None else kind == "p"
 
 
 def ensure_partitioned_table(engine: Engine, table: Table, today: dt.date | None = None) -> None:
-    """Create the partitioned log (if there is no log yet) and its day partitions from yesterday to
+    """Create the partitioned table (if there is none yet) and its day partitions from yesterday to
     DAYS_AHEAD days ahead. An unpartitioned log made by an older driftloop is left as it is: turning
     it into a partitioned one rewrites every row under an exclusive lock (see docs/deploy.md)."""
     with engine.begin() as conn:
         conn.execute(text("SET LOCAL lock_timeout = '5s'"))
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LOCK_KEY})
-        state = is_partitioned(conn)
+        state = is_partitioned(conn, table.name)
         if state is None:
-            conn.execute(text(f"CREATE SEQUENCE IF NOT EXISTS {TABLE}_id_seq AS BIGINT"))
+            if table.name == TABLE:
+                conn.execute(text(f"CREATE SEQUENCE IF NOT EXISTS {TABLE}_id_seq AS BIGINT"))
             columns = ",\n  ".join(_column_ddl(table))
-            conn.execute(text(f"CREATE TABLE {TABLE} (\n  {columns},\n  PRIMARY KEY (id, created_at)\n) "
+            conn.execute(text(f"CREATE TABLE {table.name} (\n  {columns},\n  PRIMARY KEY (id, created_at)\n) "
                               "PARTITION BY RANGE (created_at)"))
-            conn.execute(text(f"ALTER SEQUENCE {TABLE}_id_seq OWNED BY {TABLE}.id"))
-            conn.execute(text(f"CREATE TABLE {DEFAULT_PARTITION} PARTITION OF {TABLE} DEFAULT"))
+            if table.name == TABLE:
+                conn.execute(text(f"ALTER SEQUENCE {TABLE}_id_seq OWNED BY {TABLE}.id"))
+            conn.execute(text(f"CREATE TABLE {default_partition(table.name)} PARTITION OF {table.name} DEFAULT"))
         elif state is False:
             return
     ensure_days(engine, today=today)
 
 
-def day_partition(day: dt.date) -> str:
-    return f"{TABLE}_p{day:%Y%m%d}"
+def day_partition(day: dt.date, table: str = TABLE) -> str:
+    return f"{table}_p{day:%Y%m%d}"
 
 
-def partitions(conn: Connection) -> dict[str, dt.date | None]:
-    """The log's partitions: name → the UTC day it holds (None for DEFAULT)."""
+def partitions(conn: Connection, table: str = TABLE) -> dict[str, dt.date | None]:
+    """A table's partitions: name → the UTC day it holds (None for DEFAULT)."""
     rows = conn.execute(text("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-                             "WHERE i.inhparent = to_regclass(:name)"), {"name": TABLE}).scalars()
+                             "WHERE i.inhparent = to_regclass(:name)"), {"name": table}).scalars()
+    pattern = _partition_name(table)
     out: dict[str, dt.date | None] = {}
     for name in rows:
-        match = PARTITION_NAME.match(name)
+        match = pattern.match(name)
         out[name] = dt.datetime.strptime(match.group(1), "%Y%m%d").date() if match else None
     return out
 
@@ -101,33 +115,36 @@ def ensure_days(engine: Engine, today: dt.date | None = None, ahead: int = DAYS_
     with engine.begin() as conn:
         conn.execute(text("SET LOCAL lock_timeout = '5s'"))
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LOCK_KEY})
-        if not is_partitioned(conn):
-            return made
-        have = set(partitions(conn))
-        for offset in range(-1, ahead + 1):
-            day = today + dt.timedelta(days=offset)
-            name = day_partition(day)
-            if name in have:
+        for table in TABLES:
+            if not is_partitioned(conn, table):
                 continue
-            start, end = _bounds(day)
-            stray = conn.execute(text(f"SELECT 1 FROM {DEFAULT_PARTITION} WHERE created_at >= :s AND created_at < :e LIMIT 1"),
-                                 {"s": start, "e": end}).first()
-            if stray is not None:
-                log.warning("partition %s not made: rows of that day are already in %s", name, DEFAULT_PARTITION)
-                continue
-            conn.execute(text(f"CREATE TABLE {name} PARTITION OF {TABLE} FOR VALUES FROM ('{start}') TO ('{end}')"))
-            made.append(name)
+            have = set(partitions(conn, table))
+            default = default_partition(table)
+            for offset in range(-1, ahead + 1):
+                day = today + dt.timedelta(days=offset)
+                name = day_partition(day, table)
+                if name in have:
+                    continue
+                start, end = _bounds(day)
+                stray = conn.execute(text(f"SELECT 1 FROM {default} WHERE created_at >= :s AND created_at < :e LIMIT 1"),
+                                     {"s": start, "e": end}).first()
+                if stray is not None:
+                    log.warning("partition %s not made: rows of that day are already in %s", name, default)
+                    continue
+                conn.execute(text(f"CREATE TABLE {name} PARTITION OF {table} FOR VALUES FROM ('{start}') TO ('{end}')"))
+                made.append(name)
     return made
 
 
-def drop_days_before(engine: Engine, cutoff: dt.datetime, keep=lambda conn, name: None) -> tuple[list[str], list[str]]:
-    """Drop every day partition that ends at or before `cutoff`, except those `keep(conn, name)`
-    gives a reason for (a row still needed). Returns (dropped, kept with their reasons). Each drop
-    is its own short transaction: it needs a brief exclusive lock on the parent, and a lock it
-    cannot get within 5 s is a day left for the next run, not a stalled writer."""
+def drop_days_before(engine: Engine, cutoff: dt.datetime, keep=lambda conn, name: None,
+                     table: str = TABLE) -> tuple[list[str], list[str]]:
+    """Drop every day partition of `table` that ends at or before `cutoff`, except those
+    `keep(conn, name)` gives a reason for (a row still needed). Returns (dropped, kept with their
+    reasons). Each drop is its own short transaction: it needs a brief exclusive lock on the parent,
+    and a lock it cannot get within 5 s is a day left for the next run, not a stalled writer."""
     dropped, kept = [], []
     with engine.connect() as conn:
-        names = sorted(n for n, day in partitions(conn).items()
+        names = sorted(n for n, day in partitions(conn, table).items()
                        if day is not None and dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.timezone.utc) <= cutoff)
     for name in names:
         try:
@@ -137,7 +154,7 @@ def drop_days_before(engine: Engine, cutoff: dt.datetime, keep=lambda conn, name
                 if reason:
                     kept.append(f"{name}: {reason}")
                     continue
-                conn.execute(text(f"DROP TABLE IF EXISTS {name}"))  # name: from the catalogue, matched by PARTITION_NAME
+                conn.execute(text(f"DROP TABLE IF EXISTS {name}"))  # name: from the catalogue, matched by _partition_name
                 dropped.append(name)
         except Exception as err:  # noqa: BLE001 - a busy table is retried at the next run
             kept.append(f"{name}: not dropped this time ({type(err).__name__}: {str(err).splitlines()[0]})")

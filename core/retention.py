@@ -1,13 +1,15 @@
 """Retention of the prediction log: raw content for days, the rest for months, then nothing.
 
 A prediction costs ~2.2 KB in the log, 70 % of it the float32 embedding and most of the rest the
-customer's text (bench/logscale.py); at 100 predictions/s that is ~19 GB a day. Both are needed only
+customer's text (bench/logscale.py); at 100 predictions/s that is ~19 GB a day. Both sit in the side
+table `prediction_raw` (core/predlog.py), so that deleting them frees their space. Both are needed only
 for a while: the monitor tests the newest window, a refinement trains on the labelled rows of the
 current drift streak and profiles the newest traffic, a bake pairs the items served since a
 promotion, and all a model needs for good is copied into the content-addressed dataset store when
 the model is made. So, run on schedule by the leading controller (`driftloop log compact` by hand):
 
-- after `raw_days` a row loses its text and embedding and keeps the rest (label, confidence,
+- after `raw_days` a row's text and embedding are deleted (on Postgres, whole days of
+  `prediction_raw` are dropped) and the row keeps the rest (label, confidence,
   calibrated scores, descriptors, feedback, runtime, text hash): trends, accuracy and drift on
   descriptors stay answerable for `days`;
 - after `days` the row is deleted (on Postgres, whole day partitions are dropped: core/partitions.py);
@@ -51,7 +53,7 @@ class RetentionConfig(BaseModel):
     several days with room, and keeps no customer text longer than that (data minimisation: the
     text is the personal part); everything a model needs for good is already in the dataset store.
     `days` 90: a quarter of accuracy, confidence and descriptor trends for dashboards and audits,
-    at ~0.6 KB per compacted row.
+    at the compacted row's size (measured per engine: docs/benchmarks.md, bench/logscale.py).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -131,11 +133,11 @@ def _not_held(held: Iterable[Hold], c):
 # --------------------------------------------------------------------------- the run
 
 
-def _partitioned(engine: Engine) -> bool:
+def _partitioned(engine: Engine, table: str = "predictions") -> bool:
     from core import partitions  # noqa: PLC0415 - Postgres only
 
     with engine.connect() as conn:
-        return bool(partitions.is_partitioned(conn))
+        return bool(partitions.is_partitioned(conn, table))
 
 
 def _cut_id(engine: Engine, cutoff: dt.datetime) -> int:
@@ -145,58 +147,85 @@ def _cut_id(engine: Engine, cutoff: dt.datetime) -> int:
 
 
 def _batches(engine: Engine, pick, act, config: RetentionConfig, deadline: float) -> tuple[int, bool]:
-    """Run `act(ids)` on batches of ids from `pick(limit)`, each in its own transaction; returns
-    (rows, finished)."""
-    done = 0
+    """Run `act(conn, ids)` on batches of ids from `pick(after_id, limit)` (ascending ids, each batch
+    after the last id of the one before: rows a filter skips are read once per run, not once per
+    batch), each batch in its own transaction; returns (rows, finished)."""
+    done, after = 0, 0
     while True:
         if time.monotonic() > deadline:
             return done, False
         with engine.begin() as conn:
-            ids = [i for (i,) in conn.execute(pick(config.batch_rows))]
+            ids = [i for (i,) in conn.execute(pick(after, config.batch_rows))]
             if not ids:
                 return done, True
             act(conn, ids)
-        done += len(ids)
+        done, after = done + len(ids), ids[-1]
         if config.pause_s:
             time.sleep(config.pause_s)
 
 
+def _day_start(when: dt.datetime) -> dt.datetime:
+    return dt.datetime.combine(when.astimezone(UTC).date(), dt.time(), tzinfo=UTC)
+
+
 def run(engine: Engine, config: RetentionConfig, *, now: dt.datetime | None = None,
         extra_holds: Iterable[Hold] = ()) -> RunResult:
-    """One retention run: drop or delete rows older than `days`, strip text and embedding from rows
-    older than `raw_days`, then give freed space back (SQLite). Rows under a hold stay whole."""
+    """One retention run: drop or delete rows older than `days`, delete the text and embedding of
+    rows older than `raw_days`, then give freed space back (SQLite). Rows under a hold stay whole."""
     started = time.monotonic()
     deadline = started + config.max_run_s
     now = now or dt.datetime.now(UTC)
     predlog.ensure_schema(engine)
     held = active_holds(engine) + list(extra_holds)  # holds expire in real time, whatever `now` simulates
     result = RunResult(holds=[f"{h.model_version} from log id {h.from_id}: {h.reason}" for h in held])
-    c = predictions.c
+    c, r = predictions.c, predlog.raw.c
     delete_before = now - dt.timedelta(days=config.days)
     raw_before = now - dt.timedelta(days=config.raw_days)
-    free = _not_held(held, c)
+    postgres = engine.dialect.name == "postgresql"
+    partitioned = postgres and _partitioned(engine)
+    raw_partitioned = postgres and _partitioned(engine, predlog.raw.name)
 
-    if engine.dialect.name == "postgresql":
+    def held_in(conn, lo: int | None, hi: int | None) -> str | None:
+        """Why rows with ids in [lo, hi] are still needed (None: they are not): one index probe per hold."""
+        if lo is None:
+            return None
+        for h in held:
+            hit = conn.execute(select(c.id).where(c.model_version == h.model_version, c.id >= max(int(lo), h.from_id),
+                                                  c.id <= int(hi)).limit(1)).first()
+            if hit is not None:
+                return f"held ({h.reason})"
+        return None
+
+    def span(conn, name: str) -> tuple[int | None, int | None]:  # name: a partition, from the catalogue
+        return conn.execute(sql_text(f"SELECT min(id), max(id) FROM {name}")).one()
+
+    if postgres:
         from core import partitions  # noqa: PLC0415 - Postgres only
 
         partitions.ensure_days(engine, today=now.date())
+        if partitioned:
+            dropped, kept = partitions.drop_days_before(engine, delete_before, keep=lambda conn, name: held_in(conn, *span(conn, name)))
+            result.partitions_dropped += dropped
+            result.kept += kept
+        if raw_partitioned:  # a day's raw content goes whole, a day after its last row is raw_days old
+            spans: dict[str, tuple] = {}
 
-        def needed(conn, name: str) -> str | None:
-            for h in held:
-                hit = conn.execute(sql_text(f"SELECT 1 FROM {name} WHERE model_version = :m AND id >= :f LIMIT 1"),
-                                   {"m": h.model_version, "f": h.from_id}).first()
-                if hit is not None:
-                    return f"held ({h.reason})"
-            return None
+            def keep_raw(conn, name: str) -> str | None:
+                spans[name] = span(conn, name)
+                return held_in(conn, *spans[name])
 
-        dropped, kept = partitions.drop_days_before(engine, delete_before, keep=needed)
-        result.partitions_dropped, result.kept = dropped, kept
+            for cutoff in (delete_before, raw_before):  # days whose rows go too first: those count as deleted, not compacted
+                dropped, kept = partitions.drop_days_before(engine, cutoff, keep=keep_raw, table=predlog.raw.name)
+                result.partitions_dropped += dropped
+                result.kept += [line for line in kept if line not in result.kept]
+                if cutoff is raw_before:  # counted by id span: ids are dense (one sequence); a count would read the day
+                    result.compacted += sum(int(hi) - int(lo) + 1 for name in dropped for lo, hi in [spans[name]] if lo is not None)
 
     # rows older than `days`: on SQLite (or an unpartitioned Postgres log) by id range; on a partitioned
     # log only in DEFAULT (rows of days nobody made a partition for): a day partition goes whole, at
     # the first run after its last row is `days` old, so rows live between `days` and `days` + 1
     table = predictions
-    if engine.dialect.name == "postgresql" and _partitioned(engine):
+    if partitioned:
         from core import partitions  # noqa: PLC0415 - Postgres only
 
         table = predictions.to_metadata(MetaData(), name=partitions.DEFAULT_PARTITION)
@@ -204,34 +233,47 @@ def run(engine: Engine, config: RetentionConfig, *, now: dt.datetime | None = No
     cut = _cut_id(engine, delete_before)
     not_held = _not_held(held, t)
 
-    def old_rows(limit: int):
+    def old_rows(after: int, limit: int):
         # DEFAULT is small (only days nobody partitioned) and its rows need not follow id order: by time alone there
         bound = [t.created_at < delete_before] if table is not predictions else [t.id < cut, t.created_at < delete_before]
-        q = select(t.id).where(*bound).order_by(t.id).limit(limit)
+        q = select(t.id).where(t.id > after, *bound).order_by(t.id).limit(limit)
         return q if not_held is None else q.where(not_held)
 
-    result.deleted, finished = _batches(engine, old_rows, lambda conn, ids: conn.execute(delete(table).where(t.id.in_(ids))),
-                                        config, deadline)
+    def delete_old(conn, ids: list[int]) -> None:
+        conn.execute(delete(predlog.raw).where(r.id.in_(ids)))  # raw content kept past `days` by a hold, if any
+        conn.execute(delete(table).where(t.id.in_(ids)))
 
+    result.deleted, finished = _batches(engine, old_rows, delete_old, config, deadline)
+
+    # raw content older than `raw_days`: on SQLite by id range; on a partitioned Postgres log only what
+    # the day drops left (held days, DEFAULT), by time alone
     raw_cut = _cut_id(engine, raw_before)
+    free = _not_held(held, c)
 
-    def raw_rows(limit: int):
-        q = (select(c.id).where(sql_text(predlog.RAW), c.id < raw_cut, c.created_at < raw_before)
+    def raw_rows(after: int, limit: int):
+        bound = [r.created_at < _day_start(raw_before)] if raw_partitioned else [r.id < raw_cut, r.created_at < raw_before]
+        q = select(r.id).where(r.id > after, *bound).order_by(r.id).limit(limit)
+        return q if free is None else q.join(predictions, c.id == r.id).where(free)
+
+    def legacy_rows(after: int, limit: int):  # a log made before prediction_raw: content in the row itself
+        q = (select(c.id).where(sql_text(predlog.RAW), c.id > after, c.id < raw_cut, c.created_at < raw_before)
              .order_by(c.id).limit(limit))
         return q if free is None else q.where(free)
 
-    if finished:
-        result.compacted, finished = _batches(
-            engine, raw_rows, lambda conn, ids: conn.execute(update(predictions).where(c.id.in_(ids)).values(text=None, embedding=None)),
-            config, deadline)
+    for pick, act in ((raw_rows, lambda conn, ids: conn.execute(delete(predlog.raw).where(r.id.in_(ids)))),
+                      (legacy_rows, lambda conn, ids: conn.execute(update(predictions).where(c.id.in_(ids)).values(text=None, embedding=None)))):
+        if finished:
+            n, finished = _batches(engine, pick, act, config, deadline)
+            result.compacted += n
     if finished and engine.dialect.name == "sqlite":
         result.vacuumed_pages, finished = incremental_vacuum(engine, config, deadline)
     if held:
         with engine.connect() as conn:
             for h in held:
                 n = conn.execute(select(func.count()).select_from(
-                    select(c.id).where(sql_text(predlog.RAW), c.model_version == h.model_version, c.id >= h.from_id,
-                                       c.id < raw_cut).limit(1_000_000).subquery())).scalar_one()
+                    select(c.id).select_from(predlog.LOGGED)
+                    .where(c.model_version == h.model_version, c.id >= h.from_id, c.id < raw_cut, predlog.TEXT.is_not(None)
+                           | predlog.EMBEDDING.is_not(None)).limit(1_000_000).subquery())).scalar_one()
                 if n:
                     result.kept.append(f"{n} rows of {h.model_version} from log id {h.from_id} kept raw past {config.raw_days:g} days: {h.reason}")
     result.finished = finished
@@ -251,17 +293,19 @@ def incremental_vacuum(engine: Engine, config: RetentionConfig, deadline: float)
         if conn.exec_driver_sql("PRAGMA auto_vacuum").scalar() != 2:
             return 0, True
     while time.monotonic() < deadline:
-        with engine.begin() as conn:
+        with engine.connect() as conn:
             pending = int(conn.exec_driver_sql("PRAGMA freelist_count").scalar())
+            conn.rollback()
             if not pending:
                 break
-            # the statement frees one page per step: step it to the end on the driver's cursor
-            # (SQLAlchemy sees no result rows and would stop after the first)
-            cursor = conn.connection.driver_connection.cursor()
-            cursor.execute(f"PRAGMA incremental_vacuum({int(min(pending, config.vacuum_pages))})")
-            cursor.fetchall()
-            cursor.close()
+            # The pragma frees one page per step of its statement, and Python's sqlite3 steps a
+            # statement without result columns once (measured: 1 page per call, whatever N); its
+            # executescript steps each statement to the end (1,000 pages in 4.5 ms). The script runs
+            # in autocommit: its own short write transaction.
+            driver = conn.connection.driver_connection
+            driver.executescript(f"PRAGMA incremental_vacuum({int(min(pending, config.vacuum_pages))});")
             freed += pending - int(conn.exec_driver_sql("PRAGMA freelist_count").scalar())
+            conn.rollback()
         if config.pause_s:
             time.sleep(config.pause_s)
     else:
@@ -298,14 +342,14 @@ def sqlite_path(engine: Engine) -> Path | None:
 
 def file_bytes(engine: Engine) -> int | None:
     """Bytes the state DB takes on disk (SQLite: the file and its WAL; Postgres: every partition of
-    the log with its indexes and TOAST)."""
+    the log and of its raw content, with their indexes and TOAST)."""
     path = sqlite_path(engine)
     if path is not None:
         return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
     if engine.dialect.name == "postgresql":
         with engine.connect() as conn:
-            size = conn.execute(sql_text("SELECT COALESCE(sum(pg_total_relation_size(relid)), 0) "
-                                         "FROM pg_partition_tree(to_regclass('predictions'))")).scalar()
+            size = conn.execute(sql_text("SELECT COALESCE(sum(pg_total_relation_size(t.relid)), 0) FROM unnest(ARRAY['predictions', "
+                                         "'prediction_raw']) AS n, pg_partition_tree(to_regclass(n)) AS t")).scalar()
         return int(size or 0)
     return None
 
@@ -321,28 +365,32 @@ def disk_usage(engine: Engine) -> tuple[int, int] | None:
 
 def stats(engine: Engine, config: RetentionConfig | None = None, now: dt.datetime | None = None) -> dict:
     """The log's size and age, in O(log n) reads plus the pending count (bounded by the backlog):
-    what `/metrics` and `driftloop log status` show."""
+    what `/metrics` and `driftloop log status` show.
+
+    `rows` is the id span (newest id − oldest id + 1) on both engines: ids grow by one per row from
+    one sequence and retention deletes the oldest, so the span is the count, plus the rows `driftloop
+    log forget` removed from the middle and, on Postgres, the ids of rolled-back inserts (a failed
+    batch). An exact COUNT(*) would read every row at each scrape; Postgres's own estimate
+    (`reltuples`) was measured off by a factor after bulk loads (bench/logscale.py)."""
     config = config or RetentionConfig()
     now = now or dt.datetime.now(UTC)
-    c = predictions.c
+    c, r = predictions.c, predlog.raw.c
     with engine.connect() as conn:
         # one aggregate per statement: SQLite answers a lone min() or max() from the index's end, both together by a scan
         lo = conn.execute(select(func.min(c.id))).scalar()
         hi = conn.execute(select(func.max(c.id))).scalar()
         oldest_at = conn.execute(select(c.created_at).where(c.id == lo)).scalar() if lo is not None else None
-        oldest_raw_id = conn.execute(select(func.min(c.id)).where(sql_text(predlog.RAW))).scalar()
+        raw_lo = conn.execute(select(func.min(r.id))).scalar()
+        legacy_lo = conn.execute(select(func.min(c.id)).where(sql_text(predlog.RAW))).scalar()
+        oldest_raw_id = min((i for i in (raw_lo, legacy_lo) if i is not None), default=None)
         oldest_raw_at = conn.execute(select(c.created_at).where(c.id == oldest_raw_id)).scalar() if oldest_raw_id is not None else None
-        if engine.dialect.name == "postgresql":  # the planner's estimate: an exact count reads every row
-            estimate = conn.execute(sql_text("SELECT COALESCE(sum(GREATEST(c.reltuples, 0)), 0) FROM pg_partition_tree(to_regclass('predictions')) t "
-                                             "JOIN pg_class c ON c.oid = t.relid WHERE t.isleaf")).scalar()
-            rows = int(estimate or 0)
-        else:  # ids grow by one per row and retention deletes the oldest: the span is the count (plus the few rows
-               # `driftloop log forget` removed from the middle): an exact COUNT(*) would read every row at each scrape
-            rows = 0 if lo is None else int(hi) - int(lo) + 1
+    rows = 0 if lo is None else int(hi) - int(lo) + 1
     raw_cut = _cut_id(engine, now - dt.timedelta(days=config.raw_days)) if lo is not None else 0
-    with engine.connect() as conn:
-        pending = int(conn.execute(select(func.count()).select_from(
-            select(c.id).where(sql_text(predlog.RAW), c.id < raw_cut).subquery())).scalar_one()) if lo is not None else 0
+    pending = 0
+    if lo is not None:
+        with engine.connect() as conn:
+            for q in (select(r.id).where(r.id < raw_cut), select(c.id).where(sql_text(predlog.RAW), c.id < raw_cut)):
+                pending += int(conn.execute(select(func.count()).select_from(q.subquery())).scalar_one())
     disk = disk_usage(engine)
     return {
         "rows": rows, "max_id": int(hi or 0),

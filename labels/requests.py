@@ -144,8 +144,9 @@ def pending(engine: Engine, limit: int = 500) -> list[dict]:
     """Requests not yet sent to the annotation tool, oldest first, with what a task shows."""
     ensure_schema(engine)
     c, p = requests.c, predlog.predictions.c
-    q = (select(c.id, c.request_id, c.model_version, c.kind, c.purpose, c.batch, p.text, p.label, p.confidence, p.probs)
-         .join(predlog.predictions, predlog.predictions.c.id == c.log_id)
+    q = (select(c.id, c.request_id, c.model_version, c.kind, c.purpose, c.batch, predlog.TEXT.label("text"), p.label, p.confidence,
+                p.probs)
+         .select_from(requests).join(predlog.LOGGED, p.id == c.log_id)
          .where(c.status == "pending").order_by(c.id).limit(limit))
     with engine.connect() as conn:
         return [dict(r._mapping) for r in conn.execute(q)]

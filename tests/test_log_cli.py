@@ -51,11 +51,12 @@ def _write(engine, model: str, texts: list[str], prefix: str, at: dt.datetime | 
 
 def _rows(engine) -> dict[str, tuple]:
     """request id -> (model, text, embedding is kept) of every logged row."""
-    from core.predlog import predictions
+    from core.predlog import EMBEDDING, LOGGED, TEXT, predictions
 
     c = predictions.c
     with engine.connect() as conn:
-        return {r: (m, t, e is not None) for r, m, t, e in conn.execute(select(c.request_id, c.model_version, c.text, c.embedding))}
+        return {r: (m, t, e is not None)
+                for r, m, t, e in conn.execute(select(c.request_id, c.model_version, TEXT, EMBEDDING).select_from(LOGGED))}
 
 
 def _python(home: Path, code: str) -> None:

@@ -58,7 +58,8 @@ def populate(engine, n: int, start: int = 0) -> None:
         modulo = "mod(id, 10)" if engine.dialect.name == "postgresql" else "id % 10"
         conn.exec_driver_sql(f"UPDATE predictions SET feedback_label = label, feedback_at = created_at "
                              f"WHERE feedback_label IS NULL AND {modulo} = 0")
-        conn.exec_driver_sql("ANALYZE predictions" if engine.dialect.name == "postgresql" else "ANALYZE")
+        for statement in (("ANALYZE predictions", "ANALYZE prediction_raw") if engine.dialect.name == "postgresql" else ("ANALYZE",)):
+            conn.exec_driver_sql(statement)
 
 
 def per_pass_calls(engine) -> dict:
@@ -102,7 +103,7 @@ def capture(engine, call) -> list[tuple[str, object]]:
 
     def listener(conn, cursor, statement, parameters, context, executemany):
         head = statement.lstrip().split(None, 1)[0].upper()
-        if head in ("SELECT", "UPDATE", "DELETE") and "predictions" in statement:
+        if head in ("SELECT", "UPDATE", "DELETE") and "prediction" in statement:  # predictions, prediction_raw
             seen.append((statement, parameters))
 
     event.listen(engine, "before_cursor_execute", listener)
@@ -123,9 +124,9 @@ def sqlite_problems(engine, statement: str, params) -> list[str]:
         plan = [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params).fetchall()]
     bad = []
     for line in plan:
-        if line.startswith("SCAN predictions") and not (ONE_ROW_BY_ID in statement and "WHERE" not in statement):
+        if line.startswith(("SCAN predictions", "SCAN prediction_raw")) and not (ONE_ROW_BY_ID in statement and "WHERE" not in statement):
             bad.append(line)
-        if "TEMP B-TREE FOR ORDER BY" in line and "predictions" in statement.split("ORDER BY")[0].split("FROM")[-1]:
+        if "TEMP B-TREE FOR ORDER BY" in line and "prediction" in statement.split("ORDER BY")[0].split("FROM")[-1]:
             bad.append(line)
     return [f"{b}  <- {' | '.join(plan)}" for b in bad]
 
@@ -212,19 +213,19 @@ def postgres_problems(engine, statement: str, params) -> list[str]:
         conn.exec_driver_sql("SET enable_sort = off")
         (plan,), = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement, params).fetchall()
         conn.rollback()
-        sizes = dict(conn.exec_driver_sql("SELECT relname, reltuples FROM pg_class WHERE relname LIKE 'predictions%%'").fetchall())
+        sizes = dict(conn.exec_driver_sql("SELECT relname, reltuples FROM pg_class WHERE relname LIKE 'prediction%%'").fetchall())
     plan = plan if isinstance(plan, list) else json.loads(plan)
     one_row = "WHERE" not in statement and "LIMIT" in statement  # newest by id, or min/max(id): stops at the first row
     bad = []
 
     def walk(node: dict) -> None:
         kind, relation = node.get("Node Type"), node.get("Relation Name", "")
-        big = relation.startswith("predictions") and sizes.get(relation, 0) > 1000
+        big = relation.startswith("prediction") and sizes.get(relation, 0) > 1000
         if kind == "Seq Scan" and big:
             bad.append(f"Seq Scan on {relation} ({sizes[relation]:.0f} rows)")
         if kind in ("Index Scan", "Index Only Scan") and big and "Index Cond" not in node and not one_row:
             bad.append(f"{kind} of all of {node.get('Index Name')} on {relation} (no index condition)")
-        if kind == "Sort" and any(k.startswith("predictions") for k in json.dumps(node).split('"') if k):
+        if kind == "Sort" and any(k.startswith("prediction") for k in json.dumps(node).split('"') if k):
             bad.append(f"Sort ({node.get('Sort Key')})")
         for child in node.get("Plans", []):
             walk(child)
@@ -273,11 +274,18 @@ def test_an_existing_log_gains_the_indexes_in_place(engine_name, tmp_path, reque
                                     for c in predlog.predictions.columns),
               Index("ix_predictions_model_created", "model_version", "created_at"), Index("ix_predictions_created", "created_at"))
         old.create_all(engine)
-        predlog.write_batch(engine, "m:1", _rows(3, 0))
+        with engine.begin() as conn:  # as the previous release wrote them: text and embedding in the row
+            conn.execute(old.tables["predictions"].insert(), [{
+                "request_id": r.request_id, "created_at": dt.datetime.now(dt.timezone.utc), "model_version": "m:1", "text": r.text,
+                "text_sha256": predlog.text_hash(r.text), "label": r.label, "confidence": r.confidence, "probs": "{}",
+                **r.descriptors, "truncated": False, "embedding": r.embedding.tobytes()} for r in _rows(3, 0)])
         predlog.ensure_schema(engine)
         names = {ix["name"] for ix in inspect(engine).get_indexes("predictions")}
         assert set(predlog.INDEXES) <= names and "ix_predictions_model_created" not in names
         assert predlog.count(engine) == 3 and len(predlog.window_rows(engine, "m:1")) == 3
+        assert all(r.embedding for r in predlog.window_rows(engine, "m:1")), "the old rows' embeddings are read"
+        predlog.write_batch(engine, "m:1", _rows(2, 3))  # new rows: content in prediction_raw
+        assert predlog.recent_texts(engine, "m:1", None, 10) == [f"text {i}" for i in range(5)]
         predlog.ensure_schema(engine)  # idempotent
     finally:
         dispose_engine(url)

@@ -1,6 +1,7 @@
 """Retention of the prediction log (core/retention.py, loop/upkeep.py), on SQLite and on Postgres.
 
-Rows older than raw_days lose their text and embedding and keep the rest; rows older than days go
+Rows older than raw_days lose their text and embedding (their rows in prediction_raw) and keep the
+rest; rows older than days go
 (on Postgres whole day partitions are dropped); rows a refinement, a bake or a reference profile
 still needs stay whole until the need passes; SQLite gives the space back; a hash-only log never
 leaves the bake (and with it the policy) waiting for texts it will never see.
@@ -54,10 +55,13 @@ def write_days(engine, version: str, ages_days: list[float], per_day: int = 20, 
 
 
 def rows_by_id(engine) -> dict[int, dict]:
-    from core.predlog import predictions
+    """Every logged row with its text and embedding where still kept (core/predlog.py: prediction_raw)."""
+    from core.predlog import EMBEDDING, LOGGED, TEXT, predictions
 
+    columns = [col for col in predictions.c if col.name not in ("text", "embedding")]
     with engine.connect() as conn:
-        return {r["id"]: dict(r) for r in conn.execute(select(predictions)).mappings()}
+        return {r["id"]: dict(r) for r in conn.execute(select(*columns, TEXT.label("text"), EMBEDDING.label("embedding"))
+                                                        .select_from(LOGGED)).mappings()}
 
 
 def test_raw_content_goes_after_raw_days_and_rows_after_days(state_db_url):
@@ -106,9 +110,11 @@ def test_work_goes_in_batches_of_batch_rows(tmp_path):
     event.listen(engine, "before_cursor_execute",
                  lambda conn, cur, statement, params, ctx, many: writes.append(statement) if statement.startswith(("DELETE", "UPDATE")) else None)
     retention.run(engine, retention.RetentionConfig(raw_days=3, days=30, batch_rows=15, pause_s=0), now=NOW)
-    deletes = [s for s in writes if s.startswith("DELETE FROM predictions")]
-    updates = [s for s in writes if s.startswith("UPDATE predictions")]
-    assert len(deletes) == 4 and len(updates) == 4  # 50 rows each: 15 + 15 + 15 + 5
+    deletes = [s for s in writes if s.startswith("DELETE FROM predictions ")]
+    raw_deletes = [s for s in writes if s.startswith("DELETE FROM prediction_raw ")]
+    # 50 rows each: 15 + 15 + 15 + 5; the old rows go with their raw content, the 20-day-old rows keep the rest
+    assert len(deletes) == 4 and len(raw_deletes) == 4 + 4
+    assert not [s for s in writes if s.startswith("UPDATE")], "compaction deletes raw content, it does not rewrite rows"
 
 
 def test_held_rows_stay_whole_until_the_hold_ends(state_db_url):
@@ -194,6 +200,53 @@ def test_sqlite_returns_freed_space_to_the_file_system(tmp_path):
     after = path.stat().st_size  # the run's own (passive) checkpoint moved the shrunken pages in
     assert result.deleted == 2000 and result.vacuumed_pages > 0
     assert after < 0.6 * before, (before, after)
+
+
+def test_compaction_alone_gives_sqlite_its_space_back(tmp_path):
+    """Text and embedding (384 floats, as served) are most of a row: deleting them after raw_days
+    must shrink the file, not leave shrunken rows in pages SQLite never merges (what setting the
+    columns to NULL did: core/predlog.py)."""
+    from core import retention
+    from core.descriptors import DESCRIPTOR_COLUMNS
+    from core.predlog import LoggedPrediction, ensure_schema, write_batch
+    from core.statedb import get_engine
+
+    engine = get_engine(f"sqlite:///{tmp_path / 's.db'}")
+    ensure_schema(engine)
+    rows = [LoggedPrediction(request_id=f"{i:032x}", text=f"a customer's sentence, number {i}", label="positive", confidence=0.9,
+                             probs={"negative": 0.1, "positive": 0.9}, descriptors=dict.fromkeys(DESCRIPTOR_COLUMNS, 1.0),
+                             truncated=False, embedding=np.ones(384, dtype=np.float32)) for i in range(3000)]
+    for first in range(0, 3000, 500):
+        write_batch(engine, "m:1", rows[first:first + 500], at=NOW - dt.timedelta(days=5))
+    with engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    before = (tmp_path / "s.db").stat().st_size
+    result = retention.run(engine, retention.RetentionConfig(raw_days=3, days=30, pause_s=0), now=NOW)
+    after = (tmp_path / "s.db").stat().st_size
+    assert result.compacted == 3000 and result.deleted == 0 and result.vacuumed_pages > 0
+    assert after < 0.4 * before, (before, after)
+
+
+def test_a_log_from_before_the_raw_table_is_read_and_compacted_in_place(tmp_path):
+    """Rows an older driftloop logged keep their text and embedding in the row's own columns: the
+    reads still see them, and retention strips them after raw_days (it cannot free their space)."""
+    from sqlalchemy import update
+
+    from core import predlog, retention
+    from core.statedb import get_engine
+
+    engine = get_engine(f"sqlite:///{tmp_path / 's.db'}")
+    ids = write_days(engine, "m:1", [5, 1])
+    with engine.begin() as conn:  # move the content into the row, as the older schema kept it
+        for i, text, embedding in conn.execute(select(predlog.raw.c.id, predlog.raw.c.text, predlog.raw.c.embedding)).all():
+            conn.execute(update(predlog.predictions).where(predlog.predictions.c.id == i).values(text=text, embedding=embedding))
+        conn.execute(predlog.raw.delete())
+    assert len(predlog.recent_texts(engine, "m:1", None, 100)) == 40, "legacy texts are read"
+    assert retention.stats(engine, retention.RetentionConfig(raw_days=3), now=NOW)["pending_compaction"] == 20
+    result = retention.run(engine, retention.RetentionConfig(raw_days=3, days=30, pause_s=0), now=NOW)
+    rows = rows_by_id(engine)
+    assert result.compacted == 20 and all(rows[i]["text"] is None and rows[i]["embedding"] is None for i in ids[5])
+    assert all(rows[i]["text"] and rows[i]["embedding"] for i in ids[1])
 
 
 def test_postgres_retention_drops_day_partitions_and_deletes_strays(postgres_server):

@@ -16,6 +16,7 @@ TEXTS = ["the laptop works perfectly", "the tent broke the second time I used it
 
 
 def test_service_on_postgres_predicts_takes_feedback_and_loses_nothing_on_kill_9(tmp_path, tiny_model_dir, postgres_server):
+    from core import predlog
     from core.predlog import predictions
 
     url = postgres_server.create_database()
@@ -51,7 +52,7 @@ def test_service_on_postgres_predicts_takes_feedback_and_loses_nothing_on_kill_9
     try:
         with engine.connect() as conn:
             rows = conn.execute(select(predictions.c.request_id, predictions.c.feedback_label, predictions.c.created_at,
-                                       predictions.c.text)).all()
+                                       predlog.TEXT.label("text")).select_from(predlog.LOGGED)).all()
     finally:
         engine.dispose()
     assert len(acked) == 52 and sorted(r.request_id for r in rows) == sorted(acked)  # every acknowledged prediction, nothing else

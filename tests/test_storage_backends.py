@@ -54,8 +54,11 @@ def test_prediction_log_batches_feedback_and_windows(state_db_url):
     assert predlog.count(engine) == 8 and predlog.count(engine, "m:1") == 5 and predlog.count(engine, "m:2") == 3
 
     with engine.connect() as conn:
-        row = conn.execute(select(predlog.predictions).where(predlog.predictions.c.request_id == f"{1:032x}")).mappings().one()
-        hashed = conn.execute(select(predlog.predictions.c.text).where(predlog.predictions.c.model_version == "m:2")).scalars().all()
+        row = {**conn.execute(select(predlog.predictions).where(predlog.predictions.c.request_id == f"{1:032x}")).mappings().one()}
+        row.update(conn.execute(select(predlog.TEXT.label("text"), predlog.EMBEDDING.label("embedding")).select_from(predlog.LOGGED)
+                                .where(predlog.predictions.c.request_id == f"{1:032x}")).mappings().one())
+        hashed = conn.execute(select(predlog.TEXT).select_from(predlog.LOGGED)
+                              .where(predlog.predictions.c.model_version == "m:2")).scalars().all()
     assert _aware_utc(row["created_at"]) and before - dt.timedelta(seconds=5) <= row["created_at"] <= dt.datetime.now(UTC)
     assert row["text"] == "text number 1 é" and row["truncated"] is False and row["label"] == "positive"
     assert np.array_equal(np.frombuffer(row["embedding"], dtype=np.float32), np.arange(8, dtype=np.float32) + 1)
