@@ -352,13 +352,18 @@ REFERENCE_FILES = {"onnx": ("reference-onnx.parquet", "reference-onnx.npy"),
 
 
 def _runtime_accuracy(model: registry.RegisteredModel, runtime: str, manifest: dict) -> tuple[float | None, int]:
-    """The reference accuracy of `runtime`: the lineage's (PyTorch on the held-out rows), except for
-    int8, whose own accuracy on the same held-out rows is in its check (int8 may lose up to its tolerance)."""
+    """The reference accuracy of `runtime`: the lineage's (PyTorch, on labelled rows of the traffic its
+    profile comes from), except for int8, which may lose up to its tolerance: its check measured
+    int8 against fp32 on the held-out rows, and that paired difference is applied to the lineage's
+    figure (the check's own accuracy is of another population: the regression suite)."""
     ref = model.lineage.get("reference") or {}
+    accuracy_, n = (None if ref.get("accuracy") is None else float(ref["accuracy"])), int(ref.get("n") or 0)
     check = manifest.get("int8_check") or {}
     if runtime == "onnx-int8" and check.get("int8_sha256") == (manifest.get("files") or {}).get("onnx-int8", {}).get("sha256"):
-        return float(check["accuracy_int8"]), int(check["n"])
-    return (None if ref.get("accuracy") is None else float(ref["accuracy"])), int(ref.get("n") or 0)
+        if accuracy_ is None or ref.get("source") in (None, "validation split", "regression suite"):
+            return float(check["accuracy_int8"]), int(check["n"])  # the check ran on that same population
+        return min(1.0, max(0.0, accuracy_ + float(check["accuracy_int8"]) - float(check["accuracy_fp32"]))), n
+    return accuracy_, n
 
 
 def reference_profile(model: registry.RegisteredModel, runtime: str) -> tuple[pd.DataFrame, np.ndarray, dict]:

@@ -200,8 +200,14 @@ def models_show(
     out = model.to_json(full=True)
     if as_json:
         emit_json(out)
-    else:
-        typer.echo(json.dumps(out, indent=2, default=str))
+        return
+    typer.echo(json.dumps(out, indent=2, default=str))
+    parts = model.lineage.get("suite_accuracy_by_part") or []
+    if parts:  # the line's promise is per domain: this model's accuracy on each part of its regression suite
+        typer.echo("\nregression suite by part (this model's accuracy):")
+        for p in parts:
+            acc = "-" if p.get("accuracy") is None else f"{p['accuracy']:.4f}"
+            typer.echo(f"  {p['name']:<6} generation {p['generation']:<3} n={p['n']:<6} accuracy={acc}  {p.get('domain') or ''}")
 
 
 @models_app.command("promote")

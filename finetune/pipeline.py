@@ -94,15 +94,18 @@ def predict_calibrated(config: TrainConfig, fitted: FitResult, label_names: list
     return out
 
 
-def root_data_lineage(data: PreparedData, ev: Evaluation) -> dict:
+def root_data_lineage(data: PreparedData, ev: Evaluation, source: str | None = None) -> dict:
     """Generation 0's durable data: its training split (what later refinements replay) and its
     validation split (the first rows of the cumulative regression suite, never trained on)."""
     names = data.label_names
     own = data_store.put((t, names[y]) for t, y in zip(data.train.texts, data.train.labels))
     suite = data_store.put((t, names[y]) for t, y in zip(data.val.texts, data.val.labels))
     val = ev.metrics["val"]
+    part = {"name": "g0", "generation": 0, "domain": f"validation split of {source or 'the training data'}", "n": len(data.val)}
     return {
-        "data_lineage": {"generation": 0, "own": own.to_json(), "regression_suite": suite.to_json()},
+        "data_lineage": {"generation": 0, "own": own.to_json(), "regression_suite": suite.to_json(),
+                         "regression_suite_parts": [part] if len(data.val) else []},
+        "suite_accuracy_by_part": [{**part, "accuracy": val["accuracy"]}] if len(data.val) else [],
         "reference": {"accuracy": val["accuracy"], "n": len(data.val), "source": "validation split",
                       "profile_rows": len(data.val), "profile_source": "validation split"},
     }
@@ -190,5 +193,5 @@ def train(config: TrainConfig, *, quiet: bool = False, progress: bool = True) ->
     if not fitted.is_main_process:
         return None
     ev = evaluate(config, fitted, data)
-    lineage = build_lineage(config, fitted, data, ev, config.registry.parent, started, extra=root_data_lineage(data, ev))
+    lineage = build_lineage(config, fitted, data, ev, config.registry.parent, started, extra=root_data_lineage(data, ev, source=config.data.path))
     return register_fitted(config, fitted, data, ev, lineage)

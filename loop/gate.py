@@ -17,6 +17,20 @@ power and r = 4 % (WiSE-FT challengers disagree with their champion on 2-6 % of 
 that is ~620 items; the first champion's validation split (≥ 600 rows at 3,000 training rows and
 val_fraction 0.2) plus each generation's gate items reach it. A suite far below it cannot show
 non-inferiority, and the gate says so rather than promote on faith.
+
+3. **Non-inferiority on every part of the suite** (loop/suite.py: generation 0's validation rows,
+   each promoted generation's gate items), because a pooled test bounds only the average: a part
+   of 9 % could lose ~22 points inside a pooled 2-point margin. Each part with at least
+   `noninferiority_n(epsilon, part_discordance, regression_alpha)` items (619 at the defaults) gets
+   the same Tango test, the parts' p-values corrected with Holm's step-down procedure, so that the
+   claim "non-inferior on part X" holds for all parts at once with familywise error
+   `regression_alpha` (for the all-parts decision alone the intersection-union principle would
+   allow each at `regression_alpha`; Holm is the conservative choice, and it keeps every per-part
+   claim in the audit valid). A part too small to be tested at the margin is not pooled away in
+   silence: the gate's reasons and audit event give its n and the n it would need, and it still gets
+   a test for harm (exact one-sided McNemar that the challenger is *worse* on it, Holm across the
+   small parts): a gross loss on a small part fails the gate, a small one cannot be excluded there
+   and is reported as such.
 """
 
 from __future__ import annotations
@@ -26,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from loop.paired import PairedComparison, mcnemar_one_sided, noninferiority_n, noninferiority_p
+from loop.paired import PairedComparison, holm, mcnemar_one_sided, noninferiority_n, noninferiority_p
 
 __all__ = ["GateConfig", "GateResult", "evaluate", "mcnemar_one_sided"]
 
@@ -41,6 +55,15 @@ class GateConfig(BaseModel):
     alpha: float = Field(0.05, gt=0, lt=1, description="One-sided significance of the paired (McNemar) test on fresh labels.")
     regression_alpha: float = Field(0.05, gt=0, lt=1, description="One-sided significance of the non-inferiority test on the regression suite.")
     min_gate_items: int = Field(30, ge=1, description="Fewer held-out fresh labels: no decision (gate fails).")
+    part_discordance: float = Field(0.04, gt=0, lt=1, description=(
+        "Planning disagreement between champion and challenger on a suite part: a part is tested for non-inferiority "
+        "when it has the items this needs (noninferiority_n at epsilon, regression_alpha, 80 % power), else only for harm."))
+
+    def part_items_needed(self) -> int:
+        """Items a suite part needs to be tested for non-inferiority at the margin (fixed in advance:
+        sizing parts by the disagreement seen would let a challenger that forgot a part, and so
+        disagrees more on it, make that part 'too small' and escape its test)."""
+        return noninferiority_n(self.epsilon, self.part_discordance, self.regression_alpha)
 
 
 @dataclass
@@ -62,14 +85,17 @@ class GateResult:
     regression_losses: int = 0
     regression_margin: float | None = None
     regression_p_value: float | None = None
+    parts: list[dict] = field(default_factory=list)  # per suite part: n, accuracies, test, Holm threshold, outcome
+    notes: list[str] = field(default_factory=list)  # what the gate could not test, without failing for it
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
 def evaluate(champion_fresh: np.ndarray, challenger_fresh: np.ndarray, champion_regression: np.ndarray,
-             challenger_regression: np.ndarray, config: GateConfig) -> GateResult:
-    """Each array holds 1/0 per item: was that model right. Fresh and regression arrays are paired."""
+             challenger_regression: np.ndarray, config: GateConfig, parts: list[tuple[str, int]] | None = None) -> GateResult:
+    """Each array holds 1/0 per item: was that model right. Fresh and regression arrays are paired.
+    `parts`: the suite's parts in order, (name, items) each, covering the regression arrays."""
     fresh = PairedComparison.of(champion_fresh, challenger_fresh)
     reg = PairedComparison.of(champion_regression, challenger_regression)
     result = GateResult(passed=False, fresh_n=fresh.n, regression_n=reg.n, regression_margin=config.epsilon)
@@ -103,8 +129,61 @@ def evaluate(champion_fresh: np.ndarray, challenger_fresh: np.ndarray, champion_
             result.reasons.append(
                 f"regression suite: non-inferiority at margin {config.epsilon:.3f} not shown (p={result.regression_p_value:.3g} > "
                 f"{config.regression_alpha}; loss {result.regression_loss:+.3f} on {reg.n} items, {reg.gains} gained, {reg.losses} lost{small})")
+    if parts and len(parts) > 1 and reg.n:
+        result.parts, part_reasons = evaluate_parts(np.asarray(champion_regression), np.asarray(challenger_regression), parts, config)
+        result.reasons += part_reasons
+        result.notes += [f"suite part {r['part']}: {r['n']} items < {r['needed']} needed to test non-inferiority at margin "
+                         f"{config.epsilon:.3f}; tested for harm only (lost {r['losses']}, gained {r['gains']}, p={r['harm_p_value']:.3g})"
+                         for r in result.parts if not r["tested"] and not r["harmed"]]
     result.passed = not result.reasons
     return result
+
+
+def evaluate_parts(champion: np.ndarray, challenger: np.ndarray, parts: list[tuple[str, int]],
+                   config: GateConfig) -> tuple[list[dict], list[str]]:
+    """Per-part non-inferiority (Holm across the parts large enough) and harm (Holm across the rest);
+    returns (one dict per part, the reasons that fail the gate)."""
+    if sum(n for _, n in parts) != len(champion):
+        raise ValueError(f"suite parts cover {sum(n for _, n in parts)} items, the suite has {len(champion)}")
+    needed = config.part_items_needed()
+    out, start = [], 0
+    for name, n in parts:
+        cmp = PairedComparison.of(champion[start:start + n], challenger[start:start + n])
+        start += n
+        row = {"part": name, "n": n, "needed": needed, "tested": n >= needed,
+               "champion_accuracy": cmp.incumbent_accuracy, "challenger_accuracy": cmp.candidate_accuracy,
+               "loss": -cmp.difference, "gains": cmp.gains, "losses": cmp.losses}
+        if row["tested"]:
+            row["p_value"] = noninferiority_p(cmp.gains, cmp.losses, n, config.epsilon)
+        else:
+            row["harm_p_value"] = mcnemar_one_sided(cmp.losses, cmp.gains)
+        out.append(row)
+    reasons = []
+    tested = [r for r in out if r["tested"]]
+    for r, (threshold, rejected) in zip(tested, holm([r["p_value"] for r in tested], config.regression_alpha)):
+        r["holm_threshold"], r["shown"] = threshold, rejected
+        if not rejected:
+            reasons.append(f"suite part {r['part']}: non-inferiority at margin {config.epsilon:.3f} not shown (p={r['p_value']:.3g} > "
+                           f"Holm threshold {threshold:.3g}; loss {r['loss']:+.3f} on {r['n']} items, {r['gains']} gained, {r['losses']} lost)")
+    small = [r for r in out if not r["tested"]]
+    for r, (threshold, rejected) in zip(small, holm([r["harm_p_value"] for r in small], config.regression_alpha)):
+        r["holm_threshold"], r["harmed"] = threshold, rejected
+        if rejected:
+            reasons.append(f"suite part {r['part']}: the challenger is worse (lost {r['losses']}, gained {r['gains']} of {r['n']} items, "
+                           f"McNemar p={r['harm_p_value']:.3g} <= Holm threshold {threshold:.3g}); too small ({r['n']} < {r['needed']} "
+                           "items) for non-inferiority at the margin")
+    return out, reasons
+
+
+def parts_line(parts: list[dict]) -> str:
+    """One line per gate: each part's accuracies and outcome, the untested ones with the n they would need."""
+    def one(r: dict) -> str:
+        acc = f"{r['champion_accuracy']:.3f}->{r['challenger_accuracy']:.3f} on {r['n']}"
+        if r["tested"]:
+            return f"{r['part']} {acc}: {'non-inferior' if r.get('shown') else 'NOT shown non-inferior'} (p={r['p_value']:.2g})"
+        verdict = "WORSE" if r.get("harmed") else "no harm found"
+        return f"{r['part']} {acc}: too small to test the margin (needs {r['needed']}), {verdict} (harm p={r['harm_p_value']:.2g})"
+    return "; ".join(one(r) for r in parts)
 
 
 def summary_line(e: dict) -> str:
@@ -113,6 +192,7 @@ def summary_line(e: dict) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     verdict = "passed" if e.get("passed") else "failed: " + "; ".join(e.get("reasons") or [])
     p, rp = e.get("p_value"), e.get("regression_p_value")
+    parts = f"; parts: {parts_line(e['parts'])}" if e.get("parts") else ""
     return (f"{verdict} (fresh {fmt(e.get('champion_fresh_accuracy'))} -> {fmt(e.get('challenger_fresh_accuracy'))} on "
             f"{e.get('fresh_n')} items, McNemar p={'-' if p is None else f'{p:.2g}'}; regression loss {fmt(e.get('regression_loss'))} "
-            f"on {e.get('regression_n')} items, non-inferiority p={'-' if rp is None else f'{rp:.2g}'})")
+            f"on {e.get('regression_n')} items, non-inferiority p={'-' if rp is None else f'{rp:.2g}'}{parts})")

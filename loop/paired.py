@@ -32,6 +32,20 @@ def mcnemar_one_sided(gains: int, losses: int) -> float:
     return float(sum(comb(k, i) for i in range(gains, k + 1)) / 2**k)
 
 
+def holm(p_values: list[float], alpha: float) -> list[tuple[float, bool]]:
+    """Holm's step-down procedure (1979): for each p-value, in the order given, (its threshold, whether
+    its null hypothesis is rejected) with familywise error ≤ alpha. The j-th smallest p is compared
+    with alpha / (m − j + 1); from the first that fails on, none is rejected."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(p_values)
+    still = True
+    for rank, i in enumerate(order):
+        threshold = alpha / (len(p_values) - rank)
+        still = still and p_values[i] <= threshold
+        out[i] = (threshold, still)
+    return out
+
+
 def _restricted_mle_losses(gains: int, losses: int, n: int, delta0: float) -> float:
     """MLE of P(loss) under H0's boundary p_gain − p_loss = delta0 (a quadratic's admissible root)."""
     a = 2.0 * n

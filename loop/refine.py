@@ -14,11 +14,16 @@ Built to run generation after generation: everything a refinement needs from the
    then average the weights with the champion's (WiSE-FT, finetune/averaging.py).
 4. The challenger's **reference profile** is what it will serve: its own predictions on the newest
    traffic of the champion (the drift streak's texts, `reference_rows`, at least
-   `min_reference_rows`); its **reference accuracy** is its accuracy on its regression suite.
+   `min_reference_rows`); its **reference accuracy** comes from the same population: its accuracy
+   on the gate items (labelled rows of that traffic, never trained on). The regression suite is
+   mostly earlier domains: after a promotion into a harder domain, realized accuracy there sits
+   below the suite's accuracy, and every later benign drift would be "confirmed" by performance.
+   Both figures are in the lineage (`reference.accuracy`, `reference.suite_accuracy`).
 5. Gate (loop/gate.py): superiority on the gate set (fresh, never trained on) and
    non-inferiority on the **cumulative regression suite** (the first champion's held-out rows plus
-   every promoted generation's gate items, never trained on). The challenger's own suite is its
-   champion's plus its gate items, so the suite grows with each promotion.
+   every promoted generation's gate items, never trained on), pooled and **per part** (loop/suite.py:
+   one part per generation, Holm across parts). The challenger's own suite is its champion's plus
+   its gate items as a new part, so the suite grows with each promotion.
 6. Promotion through `core.production.promote`, fenced with the controller's lease term.
 
 Runs as its own process (the controller starts it), so serving and monitoring never stall.
@@ -46,6 +51,7 @@ from finetune.pipeline import build_lineage, evaluate, load_data, predict_calibr
 from finetune.training import fit
 from loop.gate import GateResult
 from loop.gate import evaluate as gate_evaluate
+from loop import suite as suite_parts
 from loop.refine_config import RefineConfig
 
 log = logging.getLogger("driftloop.refine")
@@ -122,6 +128,14 @@ def regression_suite(model: RegisteredModel) -> list[Row]:
     return list(zip(frame["text"].tolist(), frame["label"].tolist()))
 
 
+def _starts(parts: list) -> list[int]:
+    out, start = [], 0
+    for p in parts:
+        out.append(start)
+        start += p.n
+    return out
+
+
 def allocate(budget: int, sizes: dict[str, int]) -> dict[str, int]:
     """Share `budget` rows equally between generations, capped by what each has (water-filling):
     every past domain keeps an equal voice however many generations ago it was learnt."""
@@ -190,7 +204,8 @@ def _run(engine: Engine, config: RefineConfig, *, trigger: str, since_id: int | 
         raise DriftloopError("no production model to refine: train and promote one first")
     champion = registry.get(state.tag)
     label_names = list(champion.lineage["label_names"])
-    suite = [(t, y) for t, y in regression_suite(champion) if y in label_names]
+    stored_suite = regression_suite(champion)
+    suite, parts = suite_parts.keep_labels(stored_suite, suite_parts.parts_of(champion.lineage, len(stored_suite)), label_names)
     suite_texts = {t for t, _ in suite}
 
     fresh = predlog.fresh_labelled(engine, champion.tag, since_id, config.max_fresh_labels)
@@ -245,9 +260,16 @@ def _run(engine: Engine, config: RefineConfig, *, trigger: str, since_id: int | 
     items = {"fresh": ([t for _, t, _, _ in gate_rows], [y for _, _, y, _ in gate_rows]),
              "suite": ([t for t, _ in suite], [y for _, y in suite])}
     torch_flags = {name: correct_flags(chall_pred, texts, labels) for name, (texts, labels) in items.items()}
-    new_suite = suite + [(t, y) for _, t, y, _ in gate_rows]
+    generation = generation_of(champion) + 1
+    shift = f"the shift {trigger} refined for" + (f" (log ids from {since_id})" if since_id else "")
+    new_suite, new_parts = suite_parts.extend(suite, parts, [(t, y) for _, t, y, _ in gate_rows], generation, shift,
+                                              config.suite_part_cap, seed=config.seed)
     suite_ref = data_store.put(new_suite)
-    chall_suite_correct = np.concatenate([torch_flags["suite"], torch_flags["fresh"]])
+    chall_suite_correct = torch_flags["suite"]
+    by_text = {t: ok for t, ok in zip(items["fresh"][0], torch_flags["fresh"])}
+    own_part = [by_text[t] for t, _ in new_suite[len(suite):]]
+    part_accuracy = [{**p.to_json(), "accuracy": float(np.mean(block)) if len(block) else None}
+                     for p, block in zip(new_parts, [torch_flags["suite"][a:a + p.n] for p, a in zip(parts, _starts(parts))] + [own_part])]
 
     # the reference: what the challenger will serve (the champion's newest traffic), as it sees it
     ref_texts = predlog.recent_texts(engine, champion.tag, since_id, config.reference_rows)
@@ -260,15 +282,17 @@ def _run(engine: Engine, config: RefineConfig, *, trigger: str, since_id: int | 
     else:
         profile_source = f"validation split (only {len(ref_texts)} logged texts < {config.min_reference_rows})"
         log.warning("reference profile from the validation split: %s", profile_source)
-    generation = generation_of(champion) + 1
     data_lineage = {
         "generation": generation, "own": own_ref.to_json(), "mix": mix_ref.to_json(),
         "replay_by_generation": replay_by_generation, "fresh_rows": len(own), "self_training_rows": len(pseudo),
         "regression_suite": suite_ref.to_json(),
-        "regression_suite_parts": {"inherited": len(suite), "gate_items": len(gate_rows)},
+        "regression_suite_parts": [p.to_json() for p in new_parts],
     }
-    reference_info = {"accuracy": float(chall_suite_correct.mean()) if chall_suite_correct.size else None,
-                      "n": int(chall_suite_correct.size), "source": "regression suite",
+    gate_correct = torch_flags["fresh"]
+    reference_info = {"accuracy": float(gate_correct.mean()) if gate_correct.size else None, "n": int(gate_correct.size),
+                      "source": "gate items (labelled rows of the traffic the profile comes from)",
+                      "suite_accuracy": float(chall_suite_correct.mean()) if chall_suite_correct.size else None,
+                      "suite_n": int(chall_suite_correct.size),
                       "profile_rows": len(reference[0]) if reference else len(data.val), "profile_source": profile_source}
     refinement = {
         "trigger": trigger, "parent": champion.tag, "since_id": since_id, "monitor_runs": monitor_runs or [],
@@ -278,7 +302,8 @@ def _run(engine: Engine, config: RefineConfig, *, trigger: str, since_id: int | 
         "refine_config": config.model_dump(mode="json"), "weight_averaging": averaging,
     }
     lineage = build_lineage(cfg, fitted, data, ev, champion.tag, started,
-                            extra={"refinement": refinement, "data_lineage": data_lineage, "reference": reference_info})
+                            extra={"refinement": refinement, "data_lineage": data_lineage, "reference": reference_info,
+                                   "suite_accuracy_by_part": part_accuracy})
     outcome = register_fitted(cfg, fitted, data, ev, lineage, reference=reference)
     challenger_tag = outcome.tag
     inference.load_verified(challenger_tag)  # a challenger that does not load from the store fails the refinement here
@@ -290,7 +315,8 @@ def _run(engine: Engine, config: RefineConfig, *, trigger: str, since_id: int | 
     flags = {name: tuple(correct_flags(scorers[who], texts, labels) for who in ("champion", "challenger"))
              for name, (texts, labels) in items.items()}
     scored_with = {who: {"runtime": p.runtime, "note": p.runtime_note} for who, p in scorers.items()}
-    result: GateResult = gate_evaluate(flags["fresh"][0], flags["fresh"][1], flags["suite"][0], flags["suite"][1], config.gate)
+    result: GateResult = gate_evaluate(flags["fresh"][0], flags["fresh"][1], flags["suite"][0], flags["suite"][1], config.gate,
+                                       parts=[(p.name, p.n) for p in parts])
     audit.record(engine, "gate", challenger_tag, champion=champion.tag, scored_with=scored_with, **result.to_json())
     promoted = False
     if result.passed and config.promote:

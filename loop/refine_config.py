@@ -25,6 +25,9 @@ class RefineConfig(BaseModel):
         "Fewer fresh labels: refuse to refine. With gate_fraction it fixes the smallest gate set: "
         "min_fresh_labels x gate_fraction must reach gate.min_gate_items, or the gate could never decide."))
     max_fresh_labels: int = Field(20_000, ge=10)
+    suite_part_cap: int = Field(1000, ge=10, description=(
+        "Most gate items a generation adds to the regression suite as its part (a seeded uniform sample beyond): "
+        "enough to test the part at the gate's margin (loop/suite.py), bounded so every later gate's cost is."))
     replay_ratio: float = Field(1.0, ge=0, description=(
         "Replayed rows per fresh training row, shared equally between all ancestor generations."))
     self_training: bool = Field(False, description="Add confident unlabelled traffic with its predicted label.")

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from driftloop.procs import Proc
-from tests.conftest import DEMO, cli_json
+from tests.conftest import DEMO, cli_json, run_cli
 from tests.service_helpers import free_port
 from tests.traffic import log_traffic
 
@@ -121,7 +121,18 @@ def test_two_generations_replay_every_ancestor_and_grow_the_regression_suite(tmp
     # the gate scored both models on the whole inherited suite, and the reference profiles the traffic served
     gate2 = cli_json(["history", "--kind", "gate"], home)["events"][0]
     assert gate2["model_version"] == gen2 and gate2["regression_n"] == s1 and gate2["regression_p_value"] is not None
-    assert lin2["reference"]["n"] == s2 and lin2["reference"]["profile_source"].startswith(f"newest 200 texts served by {gen1}")
+    assert lin2["reference"]["profile_source"].startswith(f"newest 200 texts served by {gen1}")
+    # its reference accuracy comes from the population its profile comes from (the gate items), the suite's beside it
+    assert lin2["reference"]["n"] == lin2["refinement"]["gate_items"] and lin2["reference"]["suite_n"] == s1
+    # the suite by part: one per generation, each part's accuracy in the lineage, each tested (or named) by the gate
+    assert [p["name"] for p in d2["regression_suite_parts"]] == ["g0", "g1", "g2"]
+    assert [p["n"] for p in d2["regression_suite_parts"]] == [s0, s1 - s0, s2 - s1]
+    assert [p["name"] for p in lin2["suite_accuracy_by_part"]] == ["g0", "g1", "g2"]
+    assert all(0 <= p["accuracy"] <= 1 for p in lin2["suite_accuracy_by_part"])
+    assert [(p["part"], p["n"]) for p in gate2["parts"]] == [("g0", s0), ("g1", s1 - s0)]
+    assert all(p["needed"] == 619 and ("shown" in p or "harmed" in p) for p in gate2["parts"])
+    shown = run_cli(["models", "show", gen2], home).stdout.split("regression suite by part")[1]
+    assert [line.split()[0] for line in shown.strip().splitlines()[1:]] == ["g0", "g1", "g2"]
     assert lin2["training"]["train_rows"] > 0
     # both generations hold at least half the budget, so each gives half of it (within one row)
     assert lin0["own"]["rows"] >= budget and d1["fresh_rows"] >= budget - budget // 2
