@@ -455,6 +455,9 @@ def _edges(engine) -> tuple[int, int]:
 
     with engine.connect() as conn:
         lo = conn.exec_driver_sql("SELECT min(id) FROM predictions").scalar()
+        if engine.dialect.name == "postgresql":  # whole days go there, and this log's backdated days interleave ids with
+            # today's (the service's rows): count what is left (- so that a drop moves the edge up by the rows it took)
+            return int(lo or 0), -int(conn.exec_driver_sql("SELECT count(*) FROM prediction_raw").scalar())
         raw = conn.exec_driver_sql("SELECT min(id) FROM prediction_raw").scalar()
         if raw is None:  # nothing raw left: all compacted up to the newest row
             raw = predlog.max_id(engine) + 1
@@ -490,6 +493,9 @@ def compaction(args, url: str, engine, service: Service, texts: list[str]) -> li
                     if worker is not None:
                         os.killpg(worker.pid, signal.SIGTERM)
                         worker.wait(timeout=60)
+                        runs = [json.loads(line) for line in worker.stdout.read().splitlines() if line.startswith("{")]
+                        log_event(retention_runs=[{k: x[k] for k in ("compacted", "deleted", "partitions_dropped", "kept", "seconds")}
+                                                  for x in runs[:5]], runs=len(runs))
                 after = _edges(engine)
                 done = (after[0] - before[0] if mode == "delete" else after[1] - before[1]) if with_retention else 0
                 row = {"batch_rows": batch_rows, "pause_s": pause_s, "round": r + 1, "retention": mode if with_retention else "none",

@@ -137,15 +137,19 @@ def ensure_days(engine: Engine, today: dt.date | None = None, ahead: int = DAYS_
 
 
 def drop_days_before(engine: Engine, cutoff: dt.datetime, keep=lambda conn, name: None,
-                     table: str = TABLE) -> tuple[list[str], list[str]]:
+                     table: str = TABLE, spare_empty_from: dt.date | None = None) -> tuple[list[str], list[str]]:
     """Drop every day partition of `table` that ends at or before `cutoff`, except those
     `keep(conn, name)` gives a reason for (a row still needed). Returns (dropped, kept with their
     reasons). Each drop is its own short transaction: it needs a brief exclusive lock on the parent,
-    and a lock it cannot get within 5 s is a day left for the next run, not a stalled writer."""
+    and a lock it cannot get within 5 s is a day left for the next run, not a stalled writer.
+    `spare_empty_from`: empty partitions of this day or later stay (ensure_days makes them from
+    yesterday on: dropping them would only have the next run make them again)."""
     dropped, kept = [], []
     with engine.connect() as conn:
         names = sorted(n for n, day in partitions(conn, table).items()
-                       if day is not None and dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.timezone.utc) <= cutoff)
+                       if day is not None and dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.timezone.utc) <= cutoff
+                       and not (spare_empty_from is not None and day >= spare_empty_from
+                                and conn.execute(text(f"SELECT 1 FROM {n} LIMIT 1")).first() is None))
     for name in names:
         try:
             with engine.begin() as conn:

@@ -204,7 +204,8 @@ def run(engine: Engine, config: RetentionConfig, *, now: dt.datetime | None = No
 
         partitions.ensure_days(engine, today=now.date())
         if partitioned:
-            dropped, kept = partitions.drop_days_before(engine, delete_before, keep=lambda conn, name: held_in(conn, *span(conn, name)))
+            dropped, kept = partitions.drop_days_before(engine, delete_before, keep=lambda conn, name: held_in(conn, *span(conn, name)),
+                                                        spare_empty_from=now.date() - dt.timedelta(days=1))
             result.partitions_dropped += dropped
             result.kept += kept
         if raw_partitioned:  # a day's raw content goes whole, a day after its last row is raw_days old
@@ -215,10 +216,12 @@ def run(engine: Engine, config: RetentionConfig, *, now: dt.datetime | None = No
                 return held_in(conn, *spans[name])
 
             for cutoff in (delete_before, raw_before):  # days whose rows go too first: those count as deleted, not compacted
-                dropped, kept = partitions.drop_days_before(engine, cutoff, keep=keep_raw, table=predlog.raw.name)
+                dropped, kept = partitions.drop_days_before(engine, cutoff, keep=keep_raw, table=predlog.raw.name,
+                                                            spare_empty_from=now.date() - dt.timedelta(days=1))
                 result.partitions_dropped += dropped
                 result.kept += [line for line in kept if line not in result.kept]
-                if cutoff is raw_before:  # counted by id span: ids are dense (one sequence); a count would read the day
+                if cutoff is raw_before:  # counted by id span: ids are dense (one sequence) and follow time (a count would
+                                          # read the day); backdated rows written between today's can make it overcount
                     result.compacted += sum(int(hi) - int(lo) + 1 for name in dropped for lo, hi in [spans[name]] if lo is not None)
 
     # rows older than `days`: on SQLite (or an unpartitioned Postgres log) by id range; on a partitioned
@@ -253,7 +256,7 @@ def run(engine: Engine, config: RetentionConfig, *, now: dt.datetime | None = No
     def raw_rows(after: int, limit: int):
         bound = [r.created_at < _day_start(raw_before)] if raw_partitioned else [r.id < raw_cut, r.created_at < raw_before]
         q = select(r.id).where(r.id > after, *bound).order_by(r.id).limit(limit)
-        return q if free is None else q.join(predictions, c.id == r.id).where(free)
+        return q if free is None else q.join(predictions, and_(c.id == r.id, c.created_at == r.created_at)).where(free)
 
     def legacy_rows(after: int, limit: int):  # a log made before prediction_raw: content in the row itself
         q = (select(c.id).where(sql_text(predlog.RAW), c.id > after, c.id < raw_cut, c.created_at < raw_before)
