@@ -57,8 +57,15 @@ def sst2_sentences(path: Path) -> list[str]:
         return [row["sentence"].strip() for row in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)]
 
 
+def launch(cmd: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
 def start(cmd: list[str], env: dict, url: str, timeout: float = 180) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return wait_ready(launch(cmd, env), cmd, url, timeout)
+
+
+def wait_ready(proc: subprocess.Popen, cmd: list[str], url: str, timeout: float = 180) -> subprocess.Popen:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -289,16 +296,20 @@ def main() -> None:
         same = {"DRIFTLOOP_SERVICE_RUNTIME": args.runtime, "DRIFTLOOP_SERVICE_INT8_TOLERANCE_PT": "100"}
         variants = [("driftloop", same), ("driftloop, log off", {**same, "DRIFTLOOP_SERVICE_LOG_PREDICTIONS": "false"}),
                     ("driftloop, commit fsync (synchronous=full)", {**same, "DRIFTLOOP_DB_SYNCHRONOUS": "full"}), ("naive", None)]
-    procs, urls = [], {}
+    procs, urls, cmds = [], {}, {}
     try:
-        for name, extra in variants:
+        for name, extra in variants:  # all launched at once (their start-ups overlap), then each awaited
             port = free_port()
             urls[name] = f"http://127.0.0.1:{port}"
             if extra is None:
                 cmd, penv = [sys.executable, str(ROOT / "bench" / "naive_server.py"), tag, str(port), runtimes[0]], env
             else:
                 cmd, penv = [*dl, "serve", "--port", str(port)], {**env, **extra}
-            procs.append(start(cmd, penv, urls[name]))
+            procs.append(launch(cmd, penv))
+            cmds[name] = cmd
+        for (name, _), proc in zip(variants, procs):
+            wait_ready(proc, cmds[name], urls[name])
+        print(json.dumps({"servers_ready": len(procs)}), flush=True)
         for c in args.concurrency:
             rounds: dict[str, list[dict]] = {name: [] for name, _ in variants}
             for _ in range(args.rounds):
