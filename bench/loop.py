@@ -38,6 +38,7 @@ hour and held-out accuracy per domain at the end.
     python bench/loop.py --scenario finance --json
     python bench/loop.py --shift-data my_domain.tsv        # any labelled file the trainer reads
     python bench/loop.py --sequence finance,imdb,sst2,retrain
+    python bench/loop.py --sequence finance,yelp,sst2,forget,retrain   # + a challenger built to forget (newest domain only, no replay): the gate must refuse it
     python bench/loop.py --simulate-hours 24 --requests 20000
 
 Logs (service.log, controller.log, runs/refine-*.log) stay under the bench home, printed at the start:

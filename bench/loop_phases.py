@@ -380,7 +380,7 @@ def wait_idle(stack: Stack, timeout_s: float) -> None:
 
 # --- sequence mode ------------------------------------------------------------------------------------
 
-PHASES = ("finance", "imdb", "yelp", "sst2", "retrain")
+PHASES = ("finance", "imdb", "yelp", "sst2", "retrain", "forget")
 
 
 @dataclass
@@ -402,6 +402,7 @@ class Sequence:
         self.seen = [SOURCE]
         self.mark = Mark.now(stack.engine)
         self.records: list[dict] = []
+        self.first_id: dict[str, int] = {}  # each traffic phase's first log id
 
     def run(self) -> list[dict]:
         self.traffic_phase("stable", self.corpus.stable, SOURCE)
@@ -409,6 +410,8 @@ class Sequence:
         for i, name in enumerate(self.opts.phases):
             if name == "retrain":
                 self.retrain_phase(domain, seed=10 + i)
+            elif name == "forget":
+                self.forget_phase(domain)
             else:
                 domain = name
                 if name not in self.seen:
@@ -418,6 +421,7 @@ class Sequence:
 
     def traffic_phase(self, name: str, rows: Rows, domain: str, seed: int = 1) -> None:
         before, t0, tally = self.stack.serving(), time.time(), Tally()
+        self.first_id[name] = max_log_id(self.stack.engine) + 1
         self.say(f"[{name}] {len(rows)} requests of {domain}, serving {before}")
         tally.add(self.stack.replay(rows, seed=seed, rate=self.opts.rate))
         background = Background(self.stack, self.corpus.traffic[domain], self.opts.swap_rate, seed=seed * 1000)
@@ -445,6 +449,32 @@ class Sequence:
         challenger = forced.get("model_version") if forced.get("kind") == "retrain_succeeded" else None
         self.close_phase("retrain", before, tally, settled, t0, forced={k: forced.get(k) for k in (
             "kind", "model_version", "promoted", "gate_passed", "reasons", "seconds", "error", "exit_code")}, challenger=challenger)
+
+    def forget_phase(self, domain: str) -> None:
+        """A challenger built to forget: the champion refined on the newest domain's labelled traffic only
+        (from that phase's first log id), no replay, no weight averaging, 3 epochs; gated, never promoted.
+        The gate must refuse it (issue: per-domain non-inferiority)."""
+        wait_idle(self.stack, self.opts.timeout_s)
+        before, t0 = self.stack.serving(), time.time()
+        since = self.first_id.get(domain)
+        self.say(f"[forget] refining {before} on {domain} only (log ids from {since}), no replay, no averaging ...")
+        out = subprocess.run([sys.executable, "-m", "driftloop", "refine", "--json", "--quiet", "--no-promote",
+                              "--trigger", f"bench: built to forget (only {domain})", *(["--since-id", str(since)] if since else []),
+                              "--set", "replay_ratio=0", "--set", "weight_averaging=false", "--set", "epochs=3"],
+                             cwd=ROOT, env=self.stack.env, capture_output=True, text=True, check=False)
+        summary = _last_json(out.stdout) or {"error": out.stderr.strip()[-800:], "exit_code": out.returncode}
+        challenger = summary.get("challenger")
+        gate = summary.get("gate") or {}
+        rec = {"phase": "forget", "serving": self.stack.serving(), "before": before, "domain": domain, "challenger": challenger,
+               "gate": {k: gate.get(k) for k in ("passed", "reasons", "notes", "parts", "fresh_n", "champion_fresh_accuracy",
+                                                   "challenger_fresh_accuracy", "p_value", "regression_loss", "regression_n",
+                                                   "regression_p_value")},
+               "held_out_before": self.models.scores(before, self.seen),
+               "challenger_held_out": self.models.scores(challenger, self.seen) if challenger else {},
+               "error": summary.get("error"), "seconds": round(time.time() - t0, 1), "requests": 0, "failed_requests": 0}
+        self.mark = Mark.now(self.stack.engine)  # its retrain_started and gate events are this phase's, not the next one's
+        self.records.append(rec)
+        self.say(json.dumps(rec))
 
     def close_phase(self, name: str, before: str, tally: Tally, settled: Settled, t0: float, **extra) -> None:
         engine = self.stack.engine
@@ -496,11 +526,24 @@ def sequence_targets(records: list[dict], champion: str) -> list[dict]:
         out += [_check("finance: promoted", r["promotions"] > 0 and r["serving"] != r["before"], f"{r['before']} → {r['serving']}"),
                 _check("finance: held-out finance ≥ +20 points", gain >= 0.20, f"{gain * 100:+.1f} points"),
                 _check("finance: SST-2 test loss ≤ 1 point", loss <= 0.01, f"{loss * 100:+.1f} points lost")]
-    for name in ("imdb", "sst2"):
+    promoted = [r for r in records if r["phase"] != "forget" and r["serving"] != r["before"]]
+    for r in promoted:  # every promoted generation against its parent, on every domain seen so far
+        common = [d for d in r["held_out_before"] if d in r["held_out"]]
+        worst = min((r["held_out"][d] - r["held_out_before"][d] for d in common), default=0.0)
+        out.append(_check(f"{r['phase']}: the promoted generation loses ≤ 1 point on every seen domain", worst >= -0.01,
+                          ", ".join(f"{d} {r['held_out_before'][d]:.3f} → {r['held_out'][d]:.3f}" for d in common)))
+    for name in ("imdb", "yelp", "sst2"):
         if name in by:
             out.append(_check(f"{name}: 0 retrains started", by[name]["retrains_started"] == 0, str(by[name]["retrains_started"])))
     if "retrain" in by:
         out += _retrain_targets(by["retrain"], champion)
+    if "forget" in by:
+        r = by["forget"]
+        gate = r.get("gate") or {}
+        lost = {d: r["held_out_before"][d] - r["challenger_held_out"].get(d, float("nan")) for d in r["held_out_before"]}
+        out.append(_check("forget: the gate refuses a challenger built to forget (newest domain only, no replay)",
+                          r.get("challenger") is not None and gate.get("passed") is False,
+                          f"held-out lost: {', '.join(f'{d} {v * 100:+.1f} pt' for d, v in lost.items())}; reasons: {gate.get('reasons')}"))
     failed = {r["phase"]: r["failed_requests"] for r in records}
     out.append(_check("0 failed requests in every phase", not any(failed.values()), json.dumps(failed)))
     return out
@@ -534,6 +577,13 @@ def sequence_table(records: list[dict]) -> str:
     lines = [("| phase | serving (generation) | requests | failed | retrains | promotions | rollbacks | drift windows / passes "
               "| settled | held-out accuracy | last policy reason |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
+        if r["phase"] == "forget":  # a challenger gated, never served
+            held = ", ".join(f"{d} {r['held_out_before'][d]:.3f} → {a:.3f}" for d, a in r["challenger_held_out"].items())
+            gate = r.get("gate") or {}
+            verdict = "refused" if gate.get("passed") is False else "PASSED" if gate.get("passed") else f"no gate ({r.get('error')})"
+            lines.append(f"| forget ({r['domain']} only, no replay) | {r['serving']} | 0 | 0 | 1 (by hand) | 0 | 0 | | gate {verdict} "
+                         f"| challenger: {held} | {'; '.join(gate.get('reasons') or [])[:300]} |")
+            continue
         held = ", ".join(f"{d} {a:.3f}" for d, a in r["held_out"].items())
         reason = (r["last_policy_reason"] or "")[:80]
         lines.append(f"| {r['phase']} | {r['serving']} ({r['generation']}) | {r['requests']} | {r['failed_requests']} | {r['retrains_started']} "

@@ -121,12 +121,9 @@ def run(home: Path, *, port: int, controller_port: int, prometheus_port: int, ui
             studio = Proc([], labelstudio.environment(home, env), home / "labelstudio.log", cmd=labelstudio.command(home, labels_port))
             procs.append(("label studio", studio))
         started("service", Proc(["serve", "--port", str(port)], env, home / "service.log"), f"http://127.0.0.1:{port}/readyz")
-        controller_args = ["controller", "--port", str(controller_port)]
-        controller_args += ["--set", f"labels.studio_url={studio_url}"] if studio else []
-        started("controller", Proc(controller_args, env, home / "controller.log"), f"http://127.0.0.1:{controller_port}/healthz")
         say(f"service:    http://127.0.0.1:{port}   (POST /predict, /explain; /feedback with the feedback token; GET /metrics)   "
             f"log {home / 'service.log'}")
-        say(f"controller: http://127.0.0.1:{controller_port}   (/status, /metrics, /reports/latest)   log {home / 'controller.log'}")
+        links: dict[str, str] = {}  # the controller's page links to Prometheus and Evidently: they start first
         if prometheus_binary:
             cfg_path = home / "prometheus.yml"
             cfg_path.write_text(yaml.safe_dump(prometheus_config(f"127.0.0.1:{port}", f"127.0.0.1:{controller_port}", scrape_interval)))
@@ -135,7 +132,8 @@ def run(home: Path, *, port: int, controller_port: int, prometheus_port: int, ui
                              f"--web.listen-address=127.0.0.1:{prometheus_port}"])
             url = f"http://127.0.0.1:{prometheus_port}"
             started("prometheus", prom, f"{url}/-/ready")
-            say(f"prometheus: {url}   (alerts of the shipped rules: {url}{alerts_path(url)}; graphs: {url}/graph)   "
+            links["prometheus"] = f"{url}{alerts_path(url)}"
+            say(f"prometheus: {url}   (alerts of the shipped rules: {links['prometheus']}; graphs: {url}/graph)   "
                 f"log {home / 'prometheus.log'}")
         elif with_prometheus:
             say("prometheus: not installed (make up installs it; or apt-get install prometheus), skipped")
@@ -145,8 +143,15 @@ def run(home: Path, *, port: int, controller_port: int, prometheus_port: int, ui
                       cmd=[*evidently_command(), "--workspace", str(workspace_dir()), "--host", "127.0.0.1", "--port", str(ui_port)])
             url = f"http://127.0.0.1:{ui_port}"
             started("evidently ui", ui, f"{url}/api/version")
+            links["evidently"] = f"{url}/projects/{project.id}"
             say(f"evidently:  {url}/projects/{project.id}   (drift tests over the monitor passes; each pass's report under "
                 f"Reports)   log {home / 'evidently-ui.log'}")
+        controller_args = ["controller", "--port", str(controller_port)]
+        controller_args += ["--set", f"labels.studio_url={studio_url}"] if studio else []
+        controller_args += [x for key, url in links.items() if url for x in ("--set", f"links.{key}={url}")]
+        started("controller", Proc(controller_args, env, home / "controller.log"), f"http://127.0.0.1:{controller_port}/healthz")
+        say(f"controller: http://127.0.0.1:{controller_port}   (open it in a browser: the loop's story; /status as JSON, /metrics, "
+            f"/reports/latest)   log {home / 'controller.log'}")
         if studio is not None:
             try:
                 studio.wait_http(f"{studio_url}/health", timeout=300)

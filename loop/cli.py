@@ -103,7 +103,7 @@ def history_command(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """The loop's audit trail: policy decisions, refinements, gate results, promotions, rollbacks."""
-    from loop.gate import summary_line  # noqa: PLC0415 - see the module docstring
+    from loop.status_page import event_detail  # noqa: PLC0415 - see the module docstring
 
     unknown = [k for k in kind or [] if k not in audit.KINDS]
     if unknown:
@@ -113,13 +113,7 @@ def history_command(
         emit_json({"events": events})
         return
     for e in events:
-        if e["kind"] == "gate":
-            detail = summary_line(e)
-        elif e["kind"] == "promotion":
-            detail = f"replaces {e['previous']}" if e.get('previous') else f"first production model ({e.get('reason') or 'promoted'})"
-        else:
-            detail = e.get("reason") or e.get("trigger") or ", ".join(e.get("reasons") or []) or e.get("error") or ""
-        typer.echo(f"{e['at'][:19]}  {e['kind']:<18} {e.get('model_version') or '-':<45} {e.get('action', '')} {detail}")
+        typer.echo(f"{e['at'][:19]}  {e['kind']:<18} {e.get('model_version') or '-':<45} {e.get('action', '')} {event_detail(e)}")
 
 
 def status_command(as_json: bool = typer.Option(False, "--json")) -> None:

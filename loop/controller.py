@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy.engine import make_url
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from core import alias, audit, predlog, retention, tokens
@@ -41,7 +41,7 @@ from core.retention import RetentionConfig
 from labels.config import LabelsConfig
 from core.home import state_db_url
 from core.statedb import get_engine
-from loop import act
+from loop import act, status_page
 from loop.admin_api import admin_routes
 from loop.bake import ShadowScorer, bake_status
 from loop.lease import Fence, LeaderElector, Lease, LeaseSettings
@@ -64,6 +64,15 @@ REPORT_NAME = re.compile(r"^monitor-\d+\.html$")
 JOB_TABLE = "controller_jobs"
 
 
+class PageLinks(BaseModel):
+    """Where the controller's page links to (`driftloop up` sets them for the stack it starts)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prometheus: str | None = Field(None, description="Prometheus's alerts page, e.g. http://127.0.0.1:9090/alerts.")
+    evidently: str | None = Field(None, description="Evidently UI's project page of the monitor.")
+
+
 class ControllerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -76,6 +85,7 @@ class ControllerSettings(BaseModel):
     retention: RetentionConfig = RetentionConfig()
     labels: LabelsConfig = LabelsConfig()
     lease: LeaseSettings = Field(default_factory=LeaseSettings)
+    links: PageLinks = PageLinks()
 
     @model_validator(mode="after")
     def _consistent(self) -> "ControllerSettings":
@@ -91,6 +101,28 @@ class ControllerSettings(BaseModel):
                 raise ValueError(f"labels.per_refinement {self.labels.per_refinement} < refine.min_fresh_labels "
                                  f"{self.refine.min_fresh_labels}: a training batch could never start a refinement on its own")
         return self
+
+
+class StateLine:
+    """Logs a periodic condition once when it begins (and once when it changes), not at every tick:
+    with slow traffic the monitor job said "monitor pass skipped" every 5 s for hours. `state` names
+    the condition; the message may carry changing numbers without counting as a change."""
+
+    def __init__(self, logger: logging.Logger):
+        self.logger, self.state = logger, None
+        self.lock = threading.Lock()
+
+    def __call__(self, state: str, level: int, message: str, *args) -> None:
+        with self.lock:
+            changed, self.state = state != self.state, state
+        self.logger.log(level if changed else logging.DEBUG, message, *args)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.state = None
+
+
+_skip_line = StateLine(log)
 
 
 def monitor_job(monitor: dict, policy: dict | None = None, refine: dict | None = None, holder: str | None = None,
@@ -114,11 +146,13 @@ def monitor_job(monitor: dict, policy: dict | None = None, refine: dict | None =
             # no new verdict on re-read rows; the policy still runs on the last one (late labels, schedule mode,
             # a cooldown that ended), and the drift streak cannot grow
             exporter.PASSES.labels(outcome="no_new_data").inc()
-            log.info("monitor pass skipped: %s new predictions of %s since the last verdict (< %s)", new, version,
-                     config.min_new_predictions)
+            _skip_line(f"waiting for predictions of {version}", logging.INFO,
+                       "monitor passes wait: %s new predictions of %s since the last verdict (< %s); said again when this changes",
+                       new, version, config.min_new_predictions)
             stored = store.latest(engine, version)
             stored = passes.with_fresh_labels(engine, config, stored) if stored is not None else None
         else:
+            _skip_line.clear()
             stored = passes.monitor_once(engine, config, model_version=version).to_json()
         if stored is None or policy is None:
             return
@@ -130,7 +164,7 @@ def monitor_job(monitor: dict, policy: dict | None = None, refine: dict | None =
                            lead.refinements, fence=lead.fence(), scorer=lead.shadow,
                            labels=LabelsConfig.model_validate(labels) if labels is not None else None)
     except DriftloopError as err:
-        log.info("monitor pass skipped: %s", err)
+        _skip_line(f"error: {err}", logging.INFO, "monitor pass skipped: %s (said again when this changes)", err)
     except Exception:
         exporter.PASSES.labels(outcome="error").inc()
         log.exception("monitor pass failed")
@@ -278,18 +312,37 @@ def build_app(engine, refresher: MetricsRefresher, leadership: Leadership | None
     async def healthz(_request):
         return PlainTextResponse("ok")
 
-    async def status(_request):
+    settings = leadership.settings if leadership is not None else ControllerSettings()
+
+    def status_json() -> dict:
         latest = store.latest(engine)
         prod = alias.current(engine=engine)
         role = leadership.status() if leadership is not None else {"leader": None, "holder": None, "lease": None}
-        settings = leadership.settings if leadership is not None else ControllerSettings()
-        return JSONResponse({**role, "champion": prod.tag if prod else None, "last_monitor_pass": latest,
-                             "bake": bake_status(engine, prod.tag, settings.policy) if prod else None,
-                             "labels": {**label_requests.summary(engine, settings.labels),
-                                        "tool": {"url": settings.labels.studio_url, **labeling.tool_state()}},
-                             "log": {**retention.stats(engine, settings.retention), "last_retention_run": last_retention_run()},
-                             "jobs": leadership.jobs() if leadership is not None else [],
-                             "refine_running": refinements.running(), "recent_events": audit.history(engine, limit=10)})
+        return {**role, "champion": prod.tag if prod else None, "last_monitor_pass": latest,
+                "bake": bake_status(engine, prod.tag, settings.policy) if prod else None,
+                "labels": {**label_requests.summary(engine, settings.labels),
+                           "tool": {"url": settings.labels.studio_url, **labeling.tool_state()}},
+                "log": {**retention.stats(engine, settings.retention), "last_retention_run": last_retention_run()},
+                "jobs": leadership.jobs() if leadership is not None else [],
+                "refine_running": refinements.running(), "recent_events": audit.history(engine, limit=10)}
+
+    def page() -> str:
+        snapshot = status_json()
+        events = audit.history(engine, limit=50)
+        gates = {e["model_version"]: e for e in reversed(audit.history(engine, limit=500, kinds=("gate",)))}
+        return status_page.render(snapshot, chain=status_page.lineage_chain(snapshot["champion"], gates), events=events,
+                                  links={"Prometheus alerts": settings.links.prometheus, "Evidently project": settings.links.evidently,
+                                         "label queue": settings.labels.studio_url, "latest report": "/reports/latest",
+                                         "metrics": "/metrics"},
+                                  policy=status_page.policy_view(engine, snapshot, settings.policy))
+
+    async def status(request):
+        if status_page.wants_html(request.headers.get("accept", "")):
+            return HTMLResponse(await run_in_threadpool(page))
+        return JSONResponse(await run_in_threadpool(status_json))
+
+    async def home(_request):
+        return HTMLResponse(await run_in_threadpool(page))
 
     def _report(path):
         if path is None or not path.is_file():
@@ -317,7 +370,7 @@ def build_app(engine, refresher: MetricsRefresher, leadership: Leadership | None
         return JSONResponse(body, status_code=code)
 
     return Starlette(routes=[
-        Route("/metrics", metrics), Route("/healthz", healthz), Route("/status", status),
+        Route("/", home), Route("/metrics", metrics), Route("/healthz", healthz), Route("/status", status),
         Route("/labels/webhook", labels_webhook, methods=["POST"]),
         Route("/reports/latest", latest_report), Route("/reports/{name}", report),
         *admin_routes(engine, refine=refine, token=admin_token, jobs=refinements,

@@ -51,14 +51,20 @@ def run_retention(engine: Engine, config: RetentionConfig, now: dt.datetime | No
             "finished_at": now.isoformat()}
 
 
+_said = {"off": False}
+
+
 def retention_job(retention_config: dict) -> dict:
     """The scheduled job (a module-level function with plain-data arguments: APScheduler's
     persistent job store pickles them)."""
     engine = get_engine()
     config = RetentionConfig.model_validate(retention_config)
     if not config.enabled:
-        log.info("retention is off (retention.enabled=false): the prediction log keeps every row")
+        if not _said["off"]:  # once, not at every run
+            log.info("retention is off (retention.enabled=false): the prediction log keeps every row")
+            _said["off"] = True
         return {}
+    _said["off"] = False
     try:
         summary = run_retention(engine, config)
     except Exception:
