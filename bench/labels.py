@@ -499,6 +499,8 @@ def efficiency(corpus: lp.Corpus, champion: str, args) -> dict:
     dispose_engines()
     pristine = home / "state.pristine.db"
     shutil.copy2(home / "state.db", pristine)
+    coverage = sampler_coverage(engine, champion, first, last, truth, args.coverage_draws)
+    say(f"[efficiency] random_sample coverage: {json.dumps(coverage)}")
     held = corpus.held[SHIFT]
     champion_acc = held_out_accuracy(champion, held)
     config = LabelsConfig(per_day=100_000, per_refinement=100_000, confirm_max=200)
@@ -537,8 +539,37 @@ def efficiency(corpus: lp.Corpus, champion: str, args) -> dict:
                          "seconds": round(time.perf_counter() - t1, 1)}
                 trials.append(trial)
                 say(f"[efficiency] {json.dumps(trial)}")
-    return {"champion_finance_held_out": champion_acc, "held_out_rows": len(held), "traffic_rows": last - first + 1,
+    return {"sampler_coverage": coverage, "champion_finance_held_out": champion_acc, "held_out_rows": len(held), "traffic_rows": last - first + 1,
             "champion_traffic_accuracy": round(traffic_acc, 4), "random_share": args.random_share, "trials": trials}
+
+
+def sampler_coverage(engine, champion: str, first: int, last: int, truth: dict[str, str], draws: int, window: int = 250,
+                     n: int = 50) -> dict:
+    """Many windows instead of the live runs' few: labels/select.random_sample draws `n` of each
+    `window` consecutive logged finance rows, `draws` times per window (seeds 0..draws-1); is the
+    correct count inside the central 95 % interval at the window's true accuracy? Hypergeometric
+    (exact for a uniform draw without replacement) and binomial (what the live check uses)."""
+    from scipy.stats import binom, hypergeom  # noqa: PLC0415
+
+    from labels import select  # noqa: PLC0415
+
+    logged = _logged(engine, first)
+    served = {r.request_id: r.label for r in logged}
+    out = {"windows": 0, "draws": 0, "inside_hypergeometric": 0, "inside_binomial": 0, "window": window, "n": n}
+    for start in range(first, last + 1 - window + 1, window):
+        end = start + window - 1
+        rids = [r.request_id for r in logged if start <= r.id <= end]
+        correct = sum(served[r] == truth[r] for r in rids)
+        p = correct / len(rids)
+        out["windows"] += 1
+        for seed in range(draws):
+            picked = select.random_sample(engine, champion, start, end, n, seed=f"coverage:{start}:{seed}")
+            k = sum(served[c.request_id] == truth[c.request_id] for c in picked)
+            m = len(picked)
+            out["draws"] += 1
+            out["inside_hypergeometric"] += bool(hypergeom.ppf(0.025, len(rids), correct, m) <= k <= hypergeom.ppf(0.975, len(rids), correct, m))
+            out["inside_binomial"] += bool(binom.ppf(0.025, m, p) <= k <= binom.ppf(0.975, m, p))
+    return out
 
 
 def _logged(engine, first: int):
@@ -548,7 +579,7 @@ def _logged(engine, first: int):
 
     c = predlog.predictions.c
     with engine.connect() as conn:
-        return conn.execute(select(c.request_id, c.label).where(c.id >= first)).all()
+        return conn.execute(select(c.id, c.request_id, c.label).where(c.id >= first).order_by(c.id)).all()
 
 
 def _label_of(engine, request_id: str) -> str:
@@ -612,6 +643,7 @@ def main() -> None:
     parser.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[50, 100, 200])
     parser.add_argument("--seeds", type=int, default=3, help="Efficiency: seeds (each: every budget, both strategies).")
     parser.add_argument("--random-share", type=float, default=0.3, help="Efficiency: random share of an informative batch (labels.random_share).")
+    parser.add_argument("--coverage-draws", type=int, default=250, help="Unbiasedness offline: random samples drawn per 250-row window.")
     parser.add_argument("--min-window-random", type=int, default=10, help="Unbiasedness: windows with at least this many random labels.")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="Extra controller setting (repeatable).")
     parser.add_argument("--json", action="store_true", help="Print the summary as JSON too.")
@@ -700,8 +732,14 @@ def report(summary: dict, args) -> None:
                 informative = f"{inf_w['n']} / {inf_w['realized']:.3f}" if inf_w else ""
                 print(f"| {r['run']} | {w['window'][0]}-{w['window'][1]} | {w['rows']} | {w['true_accuracy']:.3f} | {rnd['n']} | {rnd['realized']:.3f} "
                       f"| {rnd['interval'][0]:.3f}-{rnd['interval'][1]:.3f} | {'yes' if rnd['inside'] else 'NO'} | {informative} |")
-        targets.append(("unbiasedness: random-stratum accuracy inside its 95 % interval in ≥ 95 % of windows",
+        targets.append(("unbiasedness (live runs): random-stratum accuracy inside its 95 % interval in ≥ 95 % of windows",
                         inside >= 0.95 * len(checked), f"{inside}/{len(checked)}"))
+    cov = (eff or {}).get("sampler_coverage")
+    if cov and cov["draws"]:
+        print(f"random_sample offline: {cov['draws']} samples of {cov['n']} from {cov['windows']} windows of {cov['window']} finance rows: "
+              f"{cov['inside_hypergeometric']} inside the hypergeometric 95 % interval, {cov['inside_binomial']} inside the binomial one")
+        targets.append(("unbiasedness (offline, labels/select.random_sample): inside the 95 % interval in ≥ 95 % of samples",
+                        cov["inside_hypergeometric"] >= 0.95 * cov["draws"], f"{cov['inside_hypergeometric']}/{cov['draws']} (hypergeometric)"))
     print("\ntargets:")
     for name, ok, detail in targets:
         print(f"  {'PASS' if ok else 'FAIL'}  {name}: {detail}")
