@@ -303,14 +303,7 @@ def incremental_vacuum(engine: Engine, config: RetentionConfig, deadline: float)
             conn.rollback()
             if not pending:
                 break
-            # The pragma frees one page per step of its statement, and Python's sqlite3 steps a
-            # statement without result columns once (measured: 1 page per call, whatever N); its
-            # executescript steps each statement to the end (1,000 pages in 4.5 ms). The script runs
-            # in autocommit: its own short write transaction.
-            driver = conn.connection.driver_connection
-            driver.executescript(f"PRAGMA incremental_vacuum({int(min(pending, config.vacuum_pages))});")
-            freed += pending - int(conn.exec_driver_sql("PRAGMA freelist_count").scalar())
-            conn.rollback()
+            freed += vacuum_step(conn, int(min(pending, config.vacuum_pages)))
         if config.pause_s:
             time.sleep(config.pause_s)
     else:
@@ -318,6 +311,19 @@ def incremental_vacuum(engine: Engine, config: RetentionConfig, deadline: float)
     with engine.connect() as conn:
         conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
     return freed, True
+
+
+def vacuum_step(conn, pages: int) -> int:
+    """Return up to `pages` free pages to the file system in one short write transaction; returns how
+    many went. The pragma frees one page per step of its statement, and Python's sqlite3 steps a
+    statement without result columns once (measured: 1 page per call, whatever N); its executescript
+    steps each statement to the end (1,000 pages in 4.5 ms), in autocommit: its own transaction."""
+    before = int(conn.exec_driver_sql("PRAGMA freelist_count").scalar())
+    conn.rollback()
+    conn.connection.driver_connection.executescript(f"PRAGMA incremental_vacuum({int(pages)});")
+    after = int(conn.exec_driver_sql("PRAGMA freelist_count").scalar())
+    conn.rollback()
+    return before - after
 
 
 def full_vacuum(engine: Engine) -> dict:

@@ -227,6 +227,23 @@ def test_compaction_alone_gives_sqlite_its_space_back(tmp_path):
     assert after < 0.4 * before, (before, after)
 
 
+def test_one_vacuum_step_returns_as_many_pages_as_asked(tmp_path):
+    """A step frees `vacuum_pages` pages, not one: stepped once (as Python's sqlite3 runs a pragma
+    without result columns), a run paused pause_s after every page and fell behind by days."""
+    from core import retention
+    from core.statedb import get_engine
+
+    engine = get_engine(f"sqlite:///{tmp_path / 's.db'}")
+    write_days(engine, "m:1", [40], per_day=2000)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM prediction_raw")
+    with engine.connect() as conn:
+        free = int(conn.exec_driver_sql("PRAGMA freelist_count").scalar())
+        assert free > 100
+        assert retention.vacuum_step(conn, 100) == 100
+        assert int(conn.exec_driver_sql("PRAGMA freelist_count").scalar()) == free - 100
+
+
 def test_a_log_from_before_the_raw_table_is_read_and_compacted_in_place(tmp_path):
     """Rows an older driftloop logged keep their text and embedding in the row's own columns: the
     reads still see them, and retention strips them after raw_days (it cannot free their space)."""
