@@ -131,6 +131,14 @@ def asked_since(engine: Engine, model_version: str, first_log_id: int) -> set[st
                                                                     requests.c.log_id >= first_log_id)).scalars())
 
 
+def answered_requests(engine: Engine, model_version: str) -> int:
+    """Requests of this model (any purpose) answered so far: the labels in hand that were asked for."""
+    ensure_schema(engine)
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(requests).where(
+            requests.c.model_version == model_version, requests.c.status == "answered")).scalar_one())
+
+
 def open_requests(engine: Engine, model_version: str, purpose: str) -> int:
     """Requests of this model and purpose still waiting for an answer."""
     ensure_schema(engine)

@@ -99,6 +99,8 @@ def after_pass(engine: Engine, verdict: Verdict, policy: PolicyConfig, refine: R
     out = {**d.to_json(), "signals": signals.to_json(), "run_id": verdict.run_id}
     since_id, runs = drift_streak(engine, version)
     waiting = requests.open_requests(engine, version, "training") if labels is not None and labels.enabled else 0
+    if waiting and d.action == "retrain" and signals.new_labels - requests.answered_requests(engine, version) >= policy.min_new_labels:
+        waiting = 0  # organic feedback alone is enough: go now; the batch's answers train the next refinement
     if d.action == "retrain" and not d.dry_run and waiting:
         # a training batch is out: start when its answers are in (or expired), not on its first ones
         out.update(action="skip", reason=f"waiting for {waiting} requested training labels (or their expiry); trigger was: {d.reason}")

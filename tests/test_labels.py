@@ -270,10 +270,13 @@ class RecordingJobs:
         return True
 
 
-def test_after_each_pass_the_loop_asks_then_waits_for_its_batch_then_refines(log):
+@pytest.mark.parametrize("organic_arrives", [False, True])
+def test_after_each_pass_the_loop_asks_then_waits_for_its_batch_then_refines(log, organic_arrives):
     """With no organic feedback at all: a drifted pass asks for a confirmation sample; its answers
     confirm the drop; the policy asks for a training batch; the refinement waits for the batch's
-    answers, and starts once they are in."""
+    answers, and starts once they are in. If organic feedback alone brings enough labels meanwhile,
+    it starts then: an unanswered batch (no annotator, or a slow one) must not hold the loop for
+    its 72-hour expiry (found by bench/loop.py, 50 % organic feedback and no annotation tool)."""
     import json as _json
 
     from sqlalchemy import insert
@@ -324,6 +327,16 @@ def test_after_each_pass_the_loop_asks_then_waits_for_its_batch_then_refines(log
     waiting = act.after_pass(log, verdict, policy, refine, jobs, labels=config)
     assert waiting["action"] == "skip" and waiting["reason"].startswith("waiting for 140 requested training labels")
     assert jobs.started == []
+    if organic_arrives:
+        from core import predlog
+
+        asked = requests.asked_since(log, "m:1", 1)
+        organic = [r for r in (f"{i:032x}" for i in range(600)) if r not in asked][:100]
+        predlog.record_feedback(log, [(r, "positive") for r in organic], lambda v: LABELS)
+        go = act.after_pass(log, verdict, policy, refine, jobs, labels=config)
+        assert go["action"] == "retrain" and go["started"] is True, go["reason"]
+        assert requests.open_requests(log, "m:1", "training") == 140  # its answers train the next refinement
+        return
     assert answer("informative", "training", 1.0) == 140
     go = act.after_pass(log, verdict, policy, refine, jobs, labels=config)
     assert go["action"] == "retrain" and go["started"] is True and jobs.started[0][1:] == ("m:1", 1)
