@@ -125,8 +125,8 @@ def probability_columns(label_names: list[str]) -> list[str]:
     return [prob_column(n) for n in names]
 
 
-def _evidently_drift(reference: Reference, window: Window, alpha: float):
-    """Evidently ValueDrift on the prediction, probabilities, confidence and descriptors: (snapshot, [(name, kind, method, p)])."""
+def _drift_inputs(reference: Reference, window: Window, alpha: float):
+    """(columns [(name, kind, method)], ValueDrift metrics, current dataset, reference dataset)."""
     columns = [("prediction", "prediction", "chisquare"), ("confidence", "probability", "ks")]
     columns += [(c, "probability", "ks") for c in probability_columns(reference.label_names)]
     columns += [(c, "descriptor", "ks") for c in DESCRIPTOR_COLUMNS]
@@ -135,7 +135,26 @@ def _evidently_drift(reference: Reference, window: Window, alpha: float):
     names = [c for c, _, _ in columns]
     ref = Dataset.from_pandas(reference.frame[names].copy(), data_definition=definition)
     cur = Dataset.from_pandas(window.frame[names].copy(), data_definition=definition)
-    metrics = [ValueDrift(column=c, method=m, threshold=alpha) for c, _, m in columns]
+    return columns, [ValueDrift(column=c, method=m, threshold=alpha) for c, _, m in columns], cur, ref
+
+
+def dashboard_snapshot(reference: Reference, window: Window, result: PassResult, generation: int | None):
+    """The pass's snapshot for its HTML report and the Evidently workspace: the drift tests plus
+    driftloop's own figures (monitoring/pass_values.py), tagged with the serving model. Run again
+    after the tests (the figures need Holm's verdicts; ValueDrift is recomputed: ~0.2 s a pass on
+    2 cores, only when reports are on)."""
+    from monitoring import pass_values  # noqa: PLC0415 - registers PassValue with Evidently
+
+    _, metrics, cur, ref = _drift_inputs(reference, window, result.alpha)
+    figures = pass_values.values(result.quality, result.tests, result.alpha, generation)
+    return Report(metrics + figures, include_tests=False).run(
+        cur, ref, tags=[f"model={result.model_version}"], metadata={"model_version": result.model_version},
+        name=f"pass over {result.window_size} predictions of {result.model_version}")
+
+
+def _evidently_drift(reference: Reference, window: Window, alpha: float):
+    """Evidently ValueDrift on the prediction, probabilities, confidence and descriptors: (snapshot, [(name, kind, method, p)])."""
+    columns, metrics, cur, ref = _drift_inputs(reference, window, alpha)
     snapshot = Report(metrics, include_tests=False).run(cur, ref)
     values = {m["config"]["column"]: m["value"] for m in snapshot.dict()["metrics"]}
     out = []

@@ -11,16 +11,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from evidently.sdk.models import PanelMetric
-from evidently.sdk.panels import line_plot_panel
 from evidently.ui.workspace import Workspace
 from sqlalchemy.engine import Engine
 
 from core import alias, predlog, registry
 from core.errors import DriftloopError
 from core.home import driftloop_home
-from monitoring import store, window
-from monitoring.analysis import PassResult, Reference, clean, quality, run_pass, save_report
+from monitoring import pass_values, store, window
+from monitoring.analysis import PassResult, Reference, clean, dashboard_snapshot, quality, run_pass, save_report
 from monitoring.config import MonitorConfig
 
 log = logging.getLogger("driftloop.monitor")
@@ -74,9 +72,6 @@ def _window_and_reference(engine: Engine, version: str, **window_args) -> tuple[
     return win, reference_for(version, win.runtime)
 
 
-DRIFT_PANEL_COLUMNS = ("prediction", "confidence")
-
-
 def workspace_project() -> tuple[Workspace, object]:
     """The Evidently workspace (what `evidently ui` serves, `driftloop up` starts it) and its driftloop
     project, made on first use with a dashboard: without panels Evidently's project page is empty,
@@ -90,17 +85,8 @@ def workspace_project() -> tuple[Workspace, object]:
         projects = ws.search_project(WORKSPACE_PROJECT)
         project = projects[0] if projects else ws.create_project(WORKSPACE_PROJECT,
                                                                  description="driftloop monitor passes: one report per pass")
-        if not project.dashboard.model().panels:  # new, or made before driftloop added its dashboard
-            _add_dashboard(project)
+        pass_values.sync_dashboard(ws, project)  # new, or made by an earlier version: gains the panels it lacks
     return ws, project
-
-
-def _add_dashboard(project) -> None:
-    project.dashboard.add_panel(line_plot_panel(
-        title="Drift tests: p-value per monitor pass",
-        description="Lower is further from the reference profile; the pass reports drift when Holm-Bonferroni "
-                    "rejects at the monitor's alpha (every test is in each pass's report)",
-        values=[PanelMetric(legend=column, metric="ValueDrift", metric_labels={"column": column}) for column in DRIFT_PANEL_COLUMNS]))
 
 
 def _add_to_workspace(result: PassResult) -> None:
@@ -141,6 +127,8 @@ def monitor_once(engine: Engine, config: MonitorConfig, model_version: str | Non
     report = None
     if config.report and result.snapshot is not None:
         try:
+            generation = (registry.get(version).lineage.get("data_lineage") or {}).get("generation")
+            result.snapshot = dashboard_snapshot(reference, win, result, generation)
             report = save_report(result, reports_dir(), run_id)
             store.set_report_path(engine, run_id, str(report))
             _add_to_workspace(result)

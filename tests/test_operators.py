@@ -169,8 +169,8 @@ def test_up_gives_operators_real_pages_and_everything_dies_with_it(tmp_path, tin
 
         # Evidently UI: the project page with its dashboard, the reports, the latest one showing the drift
         page = render(project_url)
-        assert "driftloop monitor" in page and "Drift tests: p-value per monitor pass" in page, page[-3000:]
-        assert "This dashboard is currently empty" not in page
+        assert "driftloop monitor" in page and "Accuracy per pass" in page and "Drift tests: −log10 p per test" in page, page[-3000:]
+        assert "This dashboard is currently empty" not in page and "0.0…" not in page  # p-values as -log10 p: readable ticks
         screenshot(project_url, tmp_path / "evidently-project.png")
         snapshots = httpx.get(f"{ui}/api/projects/{project_id}/snapshots", timeout=10).json()
         assert len(snapshots) >= 3
@@ -181,6 +181,12 @@ def test_up_gives_operators_real_pages_and_everything_dies_with_it(tmp_path, tin
         screenshot(report_url, tmp_path / "evidently-report.png", size="1280,1400")
         # the controller's stable link to the newest pass's report is a page that exists
         assert httpx.get(f"http://127.0.0.1:{ports['controller']}/reports/latest", timeout=10).status_code == 200
+        # the controller's page for people: the serving model, the verdict, the links to the other UIs
+        controller_url = f"http://127.0.0.1:{ports['controller']}/"
+        page = render(controller_url)
+        assert "driftloop controller" in page and "drift</span>" in page and "Where the serving model came from" in page, page[-3000:]
+        assert f'href="{alerts_url}"' in page and f'href="{project_url}"' in page and f'href="{labels_url}"' in page
+        screenshot(controller_url, tmp_path / "controller-page.png", size="1280,1100")
 
         # kill -9 of `up`: every process it started, BentoML's workers included, goes with it
         family = _descendants(up.proc.pid)
