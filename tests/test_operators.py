@@ -9,6 +9,7 @@ Set DRIFTLOOP_SCREENSHOTS=DIR to keep the pages' screenshots (README's images co
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import shutil
@@ -117,8 +118,8 @@ def test_up_gives_operators_real_pages_and_everything_dies_with_it(tmp_path, tin
     _chromium()
     home = tmp_path / "home"
     home.mkdir()
-    cli_json(["train", "--data", "demo:reviews", "--base-model", str(tiny_model_dir), "--epochs", "1", "--quiet",
-              "--promote", "always", "--set", "report=false"], home)
+    champion = cli_json(["train", "--data", "demo:reviews", "--base-model", str(tiny_model_dir), "--epochs", "1", "--quiet",
+                         "--promote", "always", "--set", "report=false"], home)["model"]
     ports = {name: free_port() for name in ("service", "controller", "prometheus", "ui", "labels")}
     env = {**os.environ, "DRIFTLOOP_HOME": str(home)}
     for key in ("BENTOML_HOME", "DRIFTLOOP_DB_URL", "PROMETHEUS_MULTIPROC_DIR"):
@@ -146,12 +147,14 @@ def test_up_gives_operators_real_pages_and_everything_dies_with_it(tmp_path, tin
         project_id = project_url.rsplit("/", 1)[1]
 
         # a harmful shift: the reviews model gets financial news; three passes in a row see it
-        markets = [line.split("\t")[0] for line in (DEMO / "markets.tsv").read_text(encoding="utf-8").splitlines()[1:]]
+        markets = [line.split("\t")[:2] for line in (DEMO / "markets.tsv").read_text(encoding="utf-8").splitlines()[1:]]
+        served = []  # (request id, true label)
         for round_ in range(3):
             for i in range(0, 120, 4):
                 chunk = markets[(round_ * 120 + i) % len(markets):][:4]
-                r = httpx.post(f"{service}/predict", json={"texts": chunk}, timeout=60)
+                r = httpx.post(f"{service}/predict", json={"texts": [t for t, _ in chunk]}, timeout=60)
                 assert r.status_code == 200, r.text
+                served += [(p["request_id"], y) for p, (_, y) in zip(r.json(), chunk)]
             out = cli_json(["monitor", "--once", "--window", "120", "--min-samples", "100"], home)
             assert out["drift"] is True, out
 
@@ -171,6 +174,8 @@ def test_up_gives_operators_real_pages_and_everything_dies_with_it(tmp_path, tin
         page = render(project_url)
         assert "driftloop monitor" in page and "Accuracy per pass" in page and "Drift tests: −log10 p per test" in page, page[-3000:]
         assert "This dashboard is currently empty" not in page and "0.0…" not in page  # p-values as -log10 p: readable ticks
+        accuracy_panel = page.split("Accuracy per pass")[1].split("The estimate's error")[0]
+        assert re.search(r'<path[^>]* d="M\s*[\d.]+', accuracy_panel), "the accuracy panel plots a line"
         screenshot(project_url, tmp_path / "evidently-project.png")
         snapshots = httpx.get(f"{ui}/api/projects/{project_id}/snapshots", timeout=10).json()
         assert len(snapshots) >= 3
@@ -181,12 +186,34 @@ def test_up_gives_operators_real_pages_and_everything_dies_with_it(tmp_path, tin
         screenshot(report_url, tmp_path / "evidently-report.png", size="1280,1400")
         # the controller's stable link to the newest pass's report is a page that exists
         assert httpx.get(f"http://127.0.0.1:{ports['controller']}/reports/latest", timeout=10).status_code == 200
-        # the controller's page for people: the serving model, the verdict, the links to the other UIs
+        # the story an operator reads after a promotion: labels come back, a refinement is gated, the
+        # operator promotes its challenger by hand, with reasons that try to inject markup
+        token = (home / "secrets" / "feedback.token").read_text().strip()
+        for i in range(0, len(served), 60):
+            r = httpx.post(f"{service}/feedback", json={"items": [{"request_id": rid, "label": y} for rid, y in served[i:i + 60]]},
+                           headers={"Authorization": f"Bearer {token}"}, timeout=60)
+            assert r.status_code == 200, r.text
+        refined = cli_json(["refine", "--quiet", "--no-promote", "--trigger", "<script>alert('trigger')</script> by hand",
+                            "--set", "epochs=1"], home, timeout=600)
+        challenger = refined["challenger"]
+        promoted = run_cli(["models", "promote", challenger, "--reason", "<img src=x onerror=alert(1)> the operator's call"], home)
+        assert promoted.returncode == 0, promoted.stderr
         controller_url = f"http://127.0.0.1:{ports['controller']}/"
         page = render(controller_url)
-        assert "driftloop controller" in page and "drift</span>" in page and "Where the serving model came from" in page, page[-3000:]
+        short = lambda tag: f"{tag.split(':')[0]}:{tag.split(':')[1][:8]}…"  # noqa: E731
+        assert "driftloop controller" in page and "Where the serving model came from" in page, page[-3000:]
+        lineage = page.split('id="lineage"')[1].split("</table>")[0]
+        assert lineage.index(short(challenger)) < lineage.index(short(champion)), "the chain, newest first: challenger, then its parent"
+        assert ("failed" in lineage or "passed" in lineage) and "fresh " in lineage  # the gate the challenger went through
+        if not refined["gate"]["passed"]:
+            assert html.escape(refined["gate"]["reasons"][0].split(" (")[0], quote=False) in lineage  # and why it failed
+        events = page.split('id="events"')[1].split("</table>")[0]
+        assert "promotion" in events and "the operator's call" in events and "gate" in events
+        # injected markup is text: escaped in the DOM, no element made from it
+        assert "<script>alert('trigger')</script>" not in page and "<img src=x" not in page and "<img src=\"x\"" not in page
+        assert "&lt;script&gt;alert('trigger')&lt;/script&gt;" in page and "&lt;img src=x onerror=alert(1)&gt;" in page
         assert f'href="{alerts_url}"' in page and f'href="{project_url}"' in page and f'href="{labels_url}"' in page
-        screenshot(controller_url, tmp_path / "controller-page.png", size="1280,1100")
+        screenshot(controller_url, tmp_path / "controller-page.png", size="1280,1300")
 
         # kill -9 of `up`: every process it started, BentoML's workers included, goes with it
         family = _descendants(up.proc.pid)
