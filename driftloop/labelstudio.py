@@ -55,12 +55,19 @@ def data_dir(home: Path) -> Path:
     return home / "labelstudio"
 
 
+_LS_BOOLS = {"1", "0", "true", "false", "yes", "no"}
+
+
 def environment(home: Path, base: dict | None = None) -> dict[str, str]:
     tokens.ensure("labelstudio")
     token = tokens.get("labelstudio")
     if token is None:
         raise DriftloopError(f"no Label Studio token: set {tokens.env_var('labelstudio')} or write {tokens.token_path('labelstudio')}")
     env = dict(os.environ if base is None else base)
+    if env.get("CI", "").strip().lower() not in _LS_BOOLS:
+        # Label Studio reads CI as a strict boolean (core/settings/base.py) and refuses to start on any
+        # other value, an empty one included ("CI=" is common in shells and CI runners)
+        env.pop("CI", None)
     env.update({
         "LABEL_STUDIO_USERNAME": USERNAME, "LABEL_STUDIO_PASSWORD": password(), "LABEL_STUDIO_USER_TOKEN": token,
         "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true", "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",

@@ -318,3 +318,13 @@ def test_with_label_studio_down_the_controller_monitors_and_says_so(home, tiny_m
         assert log.count("Label Studio unreachable") == 1, "one line per change of state, not one per sync"
     finally:
         controller.stop()
+
+
+@pytest.mark.parametrize("value, kept", [("", False), ("  ", False), ("on", False), ("true", True), ("1", True)])
+def test_a_ci_variable_label_studio_cannot_parse_is_not_passed_on(value, kept, tmp_path, monkeypatch):
+    """Label Studio parses $CI as a strict boolean and will not start on anything else ("CI=" included)."""
+    from driftloop import labelstudio
+
+    monkeypatch.setenv("DRIFTLOOP_HOME", str(tmp_path))
+    env = labelstudio.environment(tmp_path, base={"CI": value, "PATH": os.environ.get("PATH", "")})
+    assert ("CI" in env) is kept and env["LABEL_STUDIO_BASE_DATA_DIR"] == str(labelstudio.data_dir(tmp_path))
