@@ -170,73 +170,115 @@ def _day_start(when: dt.datetime) -> dt.datetime:
     return dt.datetime.combine(when.astimezone(UTC).date(), dt.time(), tzinfo=UTC)
 
 
-def run(engine: Engine, config: RetentionConfig, *, now: dt.datetime | None = None,
-        extra_holds: Iterable[Hold] = ()) -> RunResult:
-    """One retention run: drop or delete rows older than `days`, delete the text and embedding of
-    rows older than `raw_days`, then give freed space back (SQLite). Rows under a hold stay whole."""
-    started = time.monotonic()
-    deadline = started + config.max_run_s
-    now = now or dt.datetime.now(UTC)
-    predlog.ensure_schema(engine)
-    held = active_holds(engine) + list(extra_holds)  # holds expire in real time, whatever `now` simulates
-    result = RunResult(holds=[f"{h.model_version} from log id {h.from_id}: {h.reason}" for h in held])
-    c, r = predictions.c, predlog.raw.c
-    delete_before = now - dt.timedelta(days=config.days)
-    raw_before = now - dt.timedelta(days=config.raw_days)
-    postgres = engine.dialect.name == "postgresql"
-    partitioned = postgres and _partitioned(engine)
-    raw_partitioned = postgres and _partitioned(engine, predlog.raw.name)
+@dataclass
+class _Run:
+    """What every stage of one run reads: the log, its settings, the cutoffs and the holds."""
+    engine: Engine
+    config: RetentionConfig
+    now: dt.datetime
+    held: list[Hold]
+    deadline: float
 
-    def held_in(conn, lo: int | None, hi: int | None) -> str | None:
+    delete_before: dt.datetime = field(init=False)  # rows logged before this go
+    raw_before: dt.datetime = field(init=False)  # text and embedding logged before this go
+
+    def __post_init__(self) -> None:
+        self.delete_before = self.now - dt.timedelta(days=self.config.days)
+        self.raw_before = self.now - dt.timedelta(days=self.config.raw_days)
+
+    @property
+    def postgres(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    def held_in(self, conn, lo: int | None, hi: int | None) -> str | None:
         """Why rows with ids in [lo, hi] are still needed (None: they are not): one index probe per hold."""
         if lo is None:
             return None
-        for h in held:
+        c = predictions.c
+        for h in self.held:
             hit = conn.execute(select(c.id).where(c.model_version == h.model_version, c.id >= max(int(lo), h.from_id),
                                                   c.id <= int(hi)).limit(1)).first()
             if hit is not None:
                 return f"held ({h.reason})"
         return None
 
-    def span(conn, name: str) -> tuple[int | None, int | None]:  # name: a partition, from the catalogue
-        return conn.execute(sql_text(f"SELECT min(id), max(id) FROM {name}")).one()
 
-    if postgres:
-        from core import partitions  # noqa: PLC0415 - Postgres only
+def _span(conn, name: str) -> tuple[int | None, int | None]:  # name: a partition, from the catalogue
+    return conn.execute(sql_text(f"SELECT min(id), max(id) FROM {name}")).one()
 
-        partitions.ensure_days(engine, today=now.date())
-        if partitioned:
-            dropped, kept = partitions.drop_days_before(engine, delete_before, keep=lambda conn, name: held_in(conn, *span(conn, name)),
-                                                        spare_empty_from=now.date() - dt.timedelta(days=1))
-            result.partitions_dropped += dropped
-            result.kept += kept
-        if raw_partitioned:  # a day's raw content goes whole, a day after its last row is raw_days old
-            spans: dict[str, tuple] = {}
 
-            def keep_raw(conn, name: str) -> str | None:
-                spans[name] = span(conn, name)
-                return held_in(conn, *spans[name])
+def run(engine: Engine, config: RetentionConfig, *, now: dt.datetime | None = None,
+        extra_holds: Iterable[Hold] = ()) -> RunResult:
+    """One retention run: drop or delete rows older than `days`, delete the text and embedding of
+    rows older than `raw_days`, then give freed space back (SQLite). Rows under a hold stay whole.
+    Each stage runs only if the one before finished inside `max_run_s`; the next run resumes."""
+    started = time.monotonic()
+    predlog.ensure_schema(engine)
+    held = active_holds(engine) + list(extra_holds)  # holds expire in real time, whatever `now` simulates
+    ctx = _Run(engine, config, now or dt.datetime.now(UTC), held, started + config.max_run_s)
+    result = RunResult(holds=[f"{h.model_version} from log id {h.from_id}: {h.reason}" for h in held])
+    partitioned = ctx.postgres and _partitioned(engine)
+    raw_partitioned = ctx.postgres and _partitioned(engine, predlog.raw.name)
+    if ctx.postgres:
+        _drop_days(ctx, result, partitioned=partitioned, raw_partitioned=raw_partitioned)
+    result.deleted, finished = _delete_old_rows(ctx, partitioned=partitioned)
+    if finished:
+        compacted, finished = _compact_raw(ctx, raw_partitioned=raw_partitioned)
+        result.compacted += compacted
+    if finished and engine.dialect.name == "sqlite":
+        result.vacuumed_pages, finished = incremental_vacuum(engine, config, ctx.deadline)
+    result.kept += _kept_by_holds(ctx)
+    result.finished = finished
+    result.seconds = round(time.monotonic() - started, 3)
+    log.info("retention: %d rows compacted, %d deleted, %d partitions dropped, %d pages vacuumed%s in %.1fs",
+             result.compacted, result.deleted, len(result.partitions_dropped), result.vacuumed_pages,
+             "" if finished else " (stopped at max_run_s; resumes next run)", result.seconds)
+    return result
 
-            for cutoff in (delete_before, raw_before):  # days whose rows go too first: those count as deleted, not compacted
-                dropped, kept = partitions.drop_days_before(engine, cutoff, keep=keep_raw, table=predlog.raw.name,
-                                                            spare_empty_from=now.date() - dt.timedelta(days=1))
-                result.partitions_dropped += dropped
-                result.kept += [line for line in kept if line not in result.kept]
-                if cutoff is raw_before:  # counted by id span: ids are dense (one sequence) and follow time (a count would
-                                          # read the day); backdated rows written between today's can make it overcount
-                    result.compacted += sum(int(hi) - int(lo) + 1 for name in dropped for lo, hi in [spans[name]] if lo is not None)
 
-    # rows older than `days`: on SQLite (or an unpartitioned Postgres log) by id range; on a partitioned
-    # log only in DEFAULT (rows of days nobody made a partition for): a day partition goes whole, at
-    # the first run after its last row is `days` old, so rows live between `days` and `days` + 1
+def _drop_days(ctx: _Run, result: RunResult, *, partitioned: bool, raw_partitioned: bool) -> None:
+    """Postgres: make the coming days' partitions, then drop whole past days (unless held): the log's
+    days older than `days`, and `prediction_raw`'s days older than `raw_days`."""
+    from core import partitions  # noqa: PLC0415 - Postgres only
+
+    spare_from = ctx.now.date() - dt.timedelta(days=1)
+    partitions.ensure_days(ctx.engine, today=ctx.now.date())
+    if partitioned:
+        dropped, kept = partitions.drop_days_before(ctx.engine, ctx.delete_before, keep=lambda conn, name: ctx.held_in(conn, *_span(conn, name)),
+                                                    spare_empty_from=spare_from)
+        result.partitions_dropped += dropped
+        result.kept += kept
+    if not raw_partitioned:
+        return
+    spans: dict[str, tuple] = {}  # a day's raw content goes whole, a day after its last row is raw_days old
+
+    def keep_raw(conn, name: str) -> str | None:
+        spans[name] = _span(conn, name)
+        return ctx.held_in(conn, *spans[name])
+
+    for cutoff, compacting in ((ctx.delete_before, False), (ctx.raw_before, True)):  # days whose rows go too first: deleted, not compacted
+        dropped, kept = partitions.drop_days_before(ctx.engine, cutoff, keep=keep_raw, table=predlog.raw.name, spare_empty_from=spare_from)
+        result.partitions_dropped += dropped
+        result.kept += [line for line in kept if line not in result.kept]
+        if compacting:  # counted by id span: ids are dense (one sequence) and follow time (a count
+                                             # would read the day); backdated rows written between today's can make it overcount
+            result.compacted += sum(int(hi) - int(lo) + 1 for name in dropped for lo, hi in [spans[name]] if lo is not None)
+
+
+def _delete_old_rows(ctx: _Run, *, partitioned: bool) -> tuple[int, bool]:
+    """Rows older than `days`: on SQLite (or an unpartitioned Postgres log) by id range; on a
+    partitioned log only in DEFAULT (rows of days nobody made a partition for): a day partition goes
+    whole in `_drop_days`, at the first run after its last row is `days` old, so rows live between
+    `days` and `days` + 1. Returns (rows deleted, finished)."""
     table = predictions
     if partitioned:
         from core import partitions  # noqa: PLC0415 - Postgres only
 
         table = predictions.to_metadata(MetaData(), name=partitions.DEFAULT_PARTITION)
-    t = table.c
-    cut = _cut_id(engine, delete_before)
-    not_held = _not_held(held, t)
+    t, r = table.c, predlog.raw.c
+    delete_before = ctx.delete_before
+    cut = _cut_id(ctx.engine, delete_before)
+    not_held = _not_held(ctx.held, t)
 
     def old_rows(after: int, limit: int):
         # DEFAULT is small (only days nobody partitioned) and its rows need not follow id order: by time alone there
@@ -248,12 +290,17 @@ def run(engine: Engine, config: RetentionConfig, *, now: dt.datetime | None = No
         conn.execute(delete(predlog.raw).where(r.id.in_(ids)))  # raw content kept past `days` by a hold, if any
         conn.execute(delete(table).where(t.id.in_(ids)))
 
-    result.deleted, finished = _batches(engine, old_rows, delete_old, config, deadline)
+    return _batches(ctx.engine, old_rows, delete_old, ctx.config, ctx.deadline)
 
-    # raw content older than `raw_days`: on SQLite by id range; on a partitioned Postgres log only what
-    # the day drops left (held days, DEFAULT), by time alone
-    raw_cut = _cut_id(engine, raw_before)
-    free = _not_held(held, c)
+
+def _compact_raw(ctx: _Run, *, raw_partitioned: bool) -> tuple[int, bool]:
+    """Text and embedding older than `raw_days`: rows of `prediction_raw` (on SQLite by id range; on a
+    partitioned Postgres log only what the day drops left: held days, DEFAULT, by time alone), then
+    the columns of rows logged before the side table existed. Returns (rows compacted, finished)."""
+    c, r = predictions.c, predlog.raw.c
+    raw_before = ctx.raw_before
+    raw_cut = _cut_id(ctx.engine, raw_before)
+    free = _not_held(ctx.held, c)
 
     def raw_rows(after: int, limit: int):
         bound = [r.created_at < _day_start(raw_before)] if raw_partitioned else [r.id < raw_cut, r.created_at < raw_before]
@@ -265,28 +312,31 @@ def run(engine: Engine, config: RetentionConfig, *, now: dt.datetime | None = No
              .order_by(c.id).limit(limit))
         return q if free is None else q.where(free)
 
+    compacted, finished = 0, True
     for pick, act in ((raw_rows, lambda conn, ids: conn.execute(delete(predlog.raw).where(r.id.in_(ids)))),
                       (legacy_rows, lambda conn, ids: conn.execute(update(predictions).where(c.id.in_(ids)).values(text=None, embedding=None)))):
         if finished:
-            n, finished = _batches(engine, pick, act, config, deadline)
-            result.compacted += n
-    if finished and engine.dialect.name == "sqlite":
-        result.vacuumed_pages, finished = incremental_vacuum(engine, config, deadline)
-    if held:
-        with engine.connect() as conn:
-            for h in held:
-                n = conn.execute(select(func.count()).select_from(
-                    select(c.id).select_from(predlog.LOGGED)
-                    .where(c.model_version == h.model_version, c.id >= h.from_id, c.id < raw_cut, predlog.TEXT.is_not(None)
-                           | predlog.EMBEDDING.is_not(None)).limit(1_000_000).subquery())).scalar_one()
-                if n:
-                    result.kept.append(f"{n} rows of {h.model_version} from log id {h.from_id} kept raw past {config.raw_days:g} days: {h.reason}")
-    result.finished = finished
-    result.seconds = round(time.monotonic() - started, 3)
-    log.info("retention: %d rows compacted, %d deleted, %d partitions dropped, %d pages vacuumed%s in %.1fs",
-             result.compacted, result.deleted, len(result.partitions_dropped), result.vacuumed_pages,
-             "" if finished else " (stopped at max_run_s; resumes next run)", result.seconds)
-    return result
+            n, finished = _batches(ctx.engine, pick, act, ctx.config, ctx.deadline)
+            compacted += n
+    return compacted, finished
+
+
+def _kept_by_holds(ctx: _Run) -> list[str]:
+    """One line per hold that kept rows raw past `raw_days` (capped count: the line is for people)."""
+    if not ctx.held:
+        return []
+    c = predictions.c
+    raw_cut = _cut_id(ctx.engine, ctx.raw_before)
+    lines = []
+    with ctx.engine.connect() as conn:
+        for h in ctx.held:
+            n = conn.execute(select(func.count()).select_from(
+                select(c.id).select_from(predlog.LOGGED)
+                .where(c.model_version == h.model_version, c.id >= h.from_id, c.id < raw_cut, predlog.TEXT.is_not(None)
+                       | predlog.EMBEDDING.is_not(None)).limit(1_000_000).subquery())).scalar_one()
+            if n:
+                lines.append(f"{n} rows of {h.model_version} from log id {h.from_id} kept raw past {ctx.config.raw_days:g} days: {h.reason}")
+    return lines
 
 
 def incremental_vacuum(engine: Engine, config: RetentionConfig, deadline: float) -> tuple[int, bool]:
