@@ -84,9 +84,72 @@ def evidently_command() -> list[str]:
     return [binary, "ui"]
 
 
+def _check_ports(ports: list[tuple[int, str]]) -> None:
+    """One clear line before anything starts: two parts on one port, or a port already taken."""
+    if len({p for p, _ in ports}) < len(ports):
+        raise DriftloopError("each part needs its own port: " + ", ".join(f"{what} {p}" for p, what in ports))
+    for p, what in ports:
+        ensure_port_free(p, "127.0.0.1", what)
+
+
+class _Parts:
+    """The processes `up` started, in order, so that they stop in reverse order whatever happens."""
+
+    def __init__(self, home: Path, env: dict, say: Callable[[str], None]):
+        self.home, self.env, self.say = home, env, say
+        self.procs: list[tuple[str, Proc]] = []
+
+    def start(self, name: str, proc: Proc, url: str) -> None:
+        self.procs.append((name, proc))
+        try:
+            proc.wait_http(url)
+        except (RuntimeError, TimeoutError):
+            raise DriftloopError(f"{name} did not start; see {proc.log_path}") from None
+
+    def prometheus(self, binary: str, port: int, service_port: int, controller_port: int, scrape_interval: str) -> str:
+        """Prometheus scraping the service and the controller; returns its alerts page."""
+        cfg_path = self.home / "prometheus.yml"
+        cfg_path.write_text(yaml.safe_dump(prometheus_config(f"127.0.0.1:{service_port}", f"127.0.0.1:{controller_port}", scrape_interval)))
+        url = f"http://127.0.0.1:{port}"
+        self.start("prometheus", Proc([], self.env, self.home / "prometheus.log",
+                                      cmd=[binary, f"--config.file={cfg_path}", f"--storage.tsdb.path={self.home / 'prometheus'}",
+                                           f"--web.listen-address=127.0.0.1:{port}"]), f"{url}/-/ready")
+        alerts = f"{url}{alerts_path(url)}"
+        self.say(f"prometheus: {url}   (alerts of the shipped rules: {alerts}; graphs: {url}/graph)   log {self.home / 'prometheus.log'}")
+        return alerts
+
+    def evidently_ui(self, port: int) -> str:
+        """Evidently's UI on the monitor's workspace; returns the project page."""
+        _, project = workspace_project()
+        url = f"http://127.0.0.1:{port}"
+        self.start("evidently ui", Proc([], {**self.env, "DO_NOT_TRACK": "1"}, self.home / "evidently-ui.log",
+                                        cmd=[*evidently_command(), "--workspace", str(workspace_dir()), "--host", "127.0.0.1",
+                                             "--port", str(port)]), f"{url}/api/version")
+        self.say(f"evidently:  {url}/projects/{project.id}   (drift tests over the monitor passes; each pass's report under "
+                 f"Reports)   log {self.home / 'evidently-ui.log'}")
+        return f"{url}/projects/{project.id}"
+
+    def supervise(self, stop: dict) -> None:
+        """Until Ctrl-C (or SIGTERM): a part that exits stops the rest."""
+        while not stop["now"]:
+            for name, p in self.procs:
+                if p.proc.poll() is not None:
+                    self.say(f"{name} exited with {p.proc.returncode}; stopping the rest (see its log)")
+                    stop["now"] = True
+            time.sleep(0.5)
+
+    def stop_all(self) -> None:
+        for name, p in reversed(self.procs):
+            self.say(f"stopping {name} ...")
+            p.stop()
+
+
 def run(home: Path, *, port: int, controller_port: int, prometheus_port: int, ui_port: int, with_prometheus: bool,
         with_ui: bool, say: Callable[[str], None], scrape_interval: str = "15s", labels_port: int = 8080,
         with_labels: bool = True) -> None:
+    """Start the stack on loopback (Label Studio first: its first boot is the slowest; then the
+    service, Prometheus and Evidently's UI, then the controller, which links to them), print where
+    each part is, and supervise until Ctrl-C; every part stops with it."""
     ensure_tokens(say)
     prometheus_binary = shutil.which("prometheus") if with_prometheus else None
     studio_binary = labelstudio.binary() if with_labels else None
@@ -94,62 +157,35 @@ def run(home: Path, *, port: int, controller_port: int, prometheus_port: int, ui
     ports += [(prometheus_port, "Prometheus (--prometheus-port)")] if prometheus_binary else []
     ports += [(ui_port, "the Evidently UI (--ui-port)")] if with_ui else []
     ports += [(labels_port, "Label Studio (--labels-port)")] if studio_binary else []
-    if len({p for p, _ in ports}) < len(ports):
-        raise DriftloopError("each part needs its own port: " + ", ".join(f"{what} {p}" for p, what in ports))
-    for p, what in ports:
-        ensure_port_free(p, "127.0.0.1", what)
+    _check_ports(ports)
     env = dict(os.environ)
-    procs: list[tuple[str, Proc]] = []
+    parts = _Parts(home, env, say)
     stop = {"now": False}
 
     def request_stop(*_):
         stop["now"] = True
 
     old = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def started(name: str, proc: Proc, url: str) -> None:
-        procs.append((name, proc))
-        try:
-            proc.wait_http(url)
-        except (RuntimeError, TimeoutError):
-            raise DriftloopError(f"{name} did not start; see {proc.log_path}") from None
-
     try:
         studio_url = f"http://127.0.0.1:{labels_port}"
         studio = None
         if studio_binary:  # first: its first boot (database migrations) takes ~40 s, ready while the rest start
             studio = Proc([], labelstudio.environment(home, env), home / "labelstudio.log", cmd=labelstudio.command(home, labels_port))
-            procs.append(("label studio", studio))
-        started("service", Proc(["serve", "--port", str(port)], env, home / "service.log"), f"http://127.0.0.1:{port}/readyz")
+            parts.procs.append(("label studio", studio))
+        parts.start("service", Proc(["serve", "--port", str(port)], env, home / "service.log"), f"http://127.0.0.1:{port}/readyz")
         say(f"service:    http://127.0.0.1:{port}   (POST /predict, /explain; /feedback with the feedback token; GET /metrics)   "
             f"log {home / 'service.log'}")
         links: dict[str, str] = {}  # the controller's page links to Prometheus and Evidently: they start first
         if prometheus_binary:
-            cfg_path = home / "prometheus.yml"
-            cfg_path.write_text(yaml.safe_dump(prometheus_config(f"127.0.0.1:{port}", f"127.0.0.1:{controller_port}", scrape_interval)))
-            prom = Proc([], env, home / "prometheus.log",
-                        cmd=[prometheus_binary, f"--config.file={cfg_path}", f"--storage.tsdb.path={home / 'prometheus'}",
-                             f"--web.listen-address=127.0.0.1:{prometheus_port}"])
-            url = f"http://127.0.0.1:{prometheus_port}"
-            started("prometheus", prom, f"{url}/-/ready")
-            links["prometheus"] = f"{url}{alerts_path(url)}"
-            say(f"prometheus: {url}   (alerts of the shipped rules: {links['prometheus']}; graphs: {url}/graph)   "
-                f"log {home / 'prometheus.log'}")
+            links["prometheus"] = parts.prometheus(prometheus_binary, prometheus_port, port, controller_port, scrape_interval)
         elif with_prometheus:
             say("prometheus: not installed (make up installs it; or apt-get install prometheus), skipped")
         if with_ui:
-            _, project = workspace_project()
-            ui = Proc([], {**env, "DO_NOT_TRACK": "1"}, home / "evidently-ui.log",
-                      cmd=[*evidently_command(), "--workspace", str(workspace_dir()), "--host", "127.0.0.1", "--port", str(ui_port)])
-            url = f"http://127.0.0.1:{ui_port}"
-            started("evidently ui", ui, f"{url}/api/version")
-            links["evidently"] = f"{url}/projects/{project.id}"
-            say(f"evidently:  {url}/projects/{project.id}   (drift tests over the monitor passes; each pass's report under "
-                f"Reports)   log {home / 'evidently-ui.log'}")
+            links["evidently"] = parts.evidently_ui(ui_port)
         controller_args = ["controller", "--port", str(controller_port)]
         controller_args += ["--set", f"labels.studio_url={studio_url}"] if studio else []
         controller_args += [x for key, url in links.items() if url for x in ("--set", f"links.{key}={url}")]
-        started("controller", Proc(controller_args, env, home / "controller.log"), f"http://127.0.0.1:{controller_port}/healthz")
+        parts.start("controller", Proc(controller_args, env, home / "controller.log"), f"http://127.0.0.1:{controller_port}/healthz")
         say(f"controller: http://127.0.0.1:{controller_port}   (open it in a browser: the loop's story; /status as JSON, /metrics, "
             f"/reports/latest)   log {home / 'controller.log'}")
         if studio is not None:
@@ -163,15 +199,8 @@ def run(home: Path, *, port: int, controller_port: int, prometheus_port: int, ui
             say("labels:     Label Studio not installed (make up installs it; make labelstudio), skipped: "
                 "`driftloop labels export` / `import` work without it")
         say("Ctrl-C stops everything.")
-        while not stop["now"]:
-            for name, p in procs:
-                if p.proc.poll() is not None:
-                    say(f"{name} exited with {p.proc.returncode}; stopping the rest (see its log)")
-                    stop["now"] = True
-            time.sleep(0.5)
+        parts.supervise(stop)
     finally:
-        for name, p in reversed(procs):
-            say(f"stopping {name} ...")
-            p.stop()
+        parts.stop_all()
         for s, handler in old.items():
             signal.signal(s, handler)

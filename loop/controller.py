@@ -296,54 +296,33 @@ class Leadership:
         return {"leader": self.is_leader, "holder": self.holder, "lease": held}
 
 
-def build_app(engine, refresher: MetricsRefresher, leadership: Leadership | None = None, refine: RefineConfig | None = None,
-              admin_token: str | None = None):
-    """The controller's HTTP app (Starlette: already installed with BentoML), with the admin routes
-    (loop/admin_api.py: retrain, promote, rollback behind the admin token)."""
-    refinements = leadership.refinements if leadership is not None else RefineJobs()
+def status_snapshot(engine, settings: ControllerSettings, leadership: Leadership | None, refinements: RefineJobs) -> dict:
+    """`GET /status` as JSON: who leads, what serves, the last pass, bake, labels, log, jobs, events."""
+    latest = store.latest(engine)
+    prod = alias.current(engine=engine)
+    role = leadership.status() if leadership is not None else {"leader": None, "holder": None, "lease": None}
+    return {**role, "champion": prod.tag if prod else None, "last_monitor_pass": latest,
+            "bake": bake_status(engine, prod.tag, settings.policy) if prod else None,
+            "labels": {**label_requests.summary(engine, settings.labels),
+                       "tool": {"url": settings.labels.studio_url, **labeling.tool_state()}},
+            "log": {**retention.stats(engine, settings.retention), "last_retention_run": last_retention_run()},
+            "jobs": leadership.jobs() if leadership is not None else [],
+            "refine_running": refinements.running(), "recent_events": audit.history(engine, limit=10)}
 
-    async def metrics(_request):
-        try:
-            refresher.refresh()
-        except Exception as err:  # noqa: BLE001 - a scrape must still answer; staleness is alerted on
-            log.warning("metrics refresh failed: %s", err)
-        return Response(generate_latest(exporter.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-    async def healthz(_request):
-        return PlainTextResponse("ok")
+def status_html(engine, settings: ControllerSettings, snapshot: dict) -> str:
+    """The operator's page (loop/status_page.py) for a status snapshot: the chain, waits, events, links."""
+    events = audit.history(engine, limit=50)
+    gates = {e["model_version"]: e for e in reversed(audit.history(engine, limit=500, kinds=("gate",)))}
+    return status_page.render(snapshot, chain=status_page.lineage_chain(snapshot["champion"], gates), events=events,
+                              links={"Prometheus alerts": settings.links.prometheus, "Evidently project": settings.links.evidently,
+                                     "label queue": settings.labels.studio_url, "latest report": "/reports/latest",
+                                     "metrics": "/metrics"},
+                              policy=status_page.policy_view(engine, snapshot, settings.policy))
 
-    settings = leadership.settings if leadership is not None else ControllerSettings()
 
-    def status_json() -> dict:
-        latest = store.latest(engine)
-        prod = alias.current(engine=engine)
-        role = leadership.status() if leadership is not None else {"leader": None, "holder": None, "lease": None}
-        return {**role, "champion": prod.tag if prod else None, "last_monitor_pass": latest,
-                "bake": bake_status(engine, prod.tag, settings.policy) if prod else None,
-                "labels": {**label_requests.summary(engine, settings.labels),
-                           "tool": {"url": settings.labels.studio_url, **labeling.tool_state()}},
-                "log": {**retention.stats(engine, settings.retention), "last_retention_run": last_retention_run()},
-                "jobs": leadership.jobs() if leadership is not None else [],
-                "refine_running": refinements.running(), "recent_events": audit.history(engine, limit=10)}
-
-    def page() -> str:
-        snapshot = status_json()
-        events = audit.history(engine, limit=50)
-        gates = {e["model_version"]: e for e in reversed(audit.history(engine, limit=500, kinds=("gate",)))}
-        return status_page.render(snapshot, chain=status_page.lineage_chain(snapshot["champion"], gates), events=events,
-                                  links={"Prometheus alerts": settings.links.prometheus, "Evidently project": settings.links.evidently,
-                                         "label queue": settings.labels.studio_url, "latest report": "/reports/latest",
-                                         "metrics": "/metrics"},
-                                  policy=status_page.policy_view(engine, snapshot, settings.policy))
-
-    async def status(request):
-        if status_page.wants_html(request.headers.get("accept", "")):
-            return HTMLResponse(await run_in_threadpool(page))
-        return JSONResponse(await run_in_threadpool(status_json))
-
-    async def home(_request):
-        return HTMLResponse(await run_in_threadpool(page))
-
+def report_routes(engine) -> list[Route]:
+    """The monitor's HTML reports: the newest (a stable link for pages and alerts) and any by name."""
     def _report(path):
         if path is None or not path.is_file():
             return PlainTextResponse("no monitor report yet: the first pass with enough predictions writes one", status_code=404)
@@ -361,6 +340,40 @@ def build_app(engine, refresher: MetricsRefresher, leadership: Leadership | None
             return PlainTextResponse("not a report name (expected monitor-<run id>.html)", status_code=404)
         return _report(passes.reports_dir() / name)
 
+    return [Route("/reports/latest", latest_report), Route("/reports/{name}", report)]
+
+
+def build_app(engine, refresher: MetricsRefresher, leadership: Leadership | None = None, refine: RefineConfig | None = None,
+              admin_token: str | None = None):
+    """The controller's HTTP app (Starlette: already installed with BentoML), with the admin routes
+    (loop/admin_api.py: retrain, promote, rollback behind the admin token)."""
+    refinements = leadership.refinements if leadership is not None else RefineJobs()
+    settings = leadership.settings if leadership is not None else ControllerSettings()
+
+    async def metrics(_request):
+        try:
+            refresher.refresh()
+        except Exception as err:  # noqa: BLE001 - a scrape must still answer; staleness is alerted on
+            log.warning("metrics refresh failed: %s", err)
+        return Response(generate_latest(exporter.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    async def healthz(_request):
+        return PlainTextResponse("ok")
+
+    def snapshot() -> dict:
+        return status_snapshot(engine, settings, leadership, refinements)
+
+    def page() -> str:
+        return status_html(engine, settings, snapshot())
+
+    async def status(request):
+        if status_page.wants_html(request.headers.get("accept", "")):
+            return HTMLResponse(await run_in_threadpool(page))
+        return JSONResponse(await run_in_threadpool(snapshot))
+
+    async def home(_request):
+        return HTMLResponse(await run_in_threadpool(page))
+
     async def labels_webhook(request):
         try:
             payload = await request.json()
@@ -371,8 +384,7 @@ def build_app(engine, refresher: MetricsRefresher, leadership: Leadership | None
 
     return Starlette(routes=[
         Route("/", home), Route("/metrics", metrics), Route("/healthz", healthz), Route("/status", status),
-        Route("/labels/webhook", labels_webhook, methods=["POST"]),
-        Route("/reports/latest", latest_report), Route("/reports/{name}", report),
+        Route("/labels/webhook", labels_webhook, methods=["POST"]), *report_routes(engine),
         *admin_routes(engine, refine=refine, token=admin_token, jobs=refinements,
                       is_leader=(lambda: leadership.is_leader) if leadership is not None else None,
                       fence=leadership.fence if leadership is not None else None),

@@ -36,6 +36,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from sqlalchemy.engine import Connection, Engine
@@ -196,9 +197,35 @@ def run(engine: Engine, config: RefineConfig, *, trigger: str = "manual", since_
             retention.release(engine, hold_id)
 
 
-def _run(engine: Engine, config: RefineConfig, *, trigger: str, since_id: int | None, monitor_runs: list[int] | None,
-         quiet: bool, fence: Callable[[Connection], None] | None) -> dict:
-    started = time.perf_counter()
+Fresh = tuple[int, str, str, str]  # (log id, text, label, source): predlog.fresh_labelled
+
+
+@dataclass
+class _Inputs:
+    """Everything a refinement trains and is gated on, read before training starts."""
+    champion: RegisteredModel
+    label_names: list[str]
+    suite: list[Row]  # the champion's regression suite (its label set only)
+    parts: list[suite_parts.Part]
+    fresh: list[Fresh]
+    fresh_train: list[Fresh]
+    gate_rows: list[Fresh]
+    replay: list[Row]
+    replay_by_generation: dict
+    pseudo: list[Row]
+    own_ref: DatasetRef
+    mix_ref: DatasetRef
+
+    @property
+    def items(self) -> dict[str, tuple[list[str], list[str]]]:
+        """The gate's two item sets as (texts, labels): fresh gate items, then the regression suite."""
+        return {"fresh": ([t for _, t, _, _ in self.gate_rows], [y for _, _, y, _ in self.gate_rows]),
+                "suite": ([t for t, _ in self.suite], [y for _, y in self.suite])}
+
+
+def _gather(engine: Engine, config: RefineConfig, since_id: int | None) -> _Inputs:
+    """Steps 1-2: the champion, its suite, the fresh rows split into training rows and gate items,
+    replay from every ancestor, optional pseudo-labels; the training mix stored in the dataset store."""
     state = alias.current(engine=engine)
     if state is None:
         raise DriftloopError("no production model to refine: train and promote one first")
@@ -222,25 +249,91 @@ def _run(engine: Engine, config: RefineConfig, *, trigger: str, since_id: int | 
     if budget and not replay:
         log.warning("no replay rows from any of %d ancestor generation(s)", len(chain))
     pseudo = predlog.confident_unlabelled(engine, champion.tag, since_id, config.self_training_min_confidence,
-                                  config.self_training_max_rows) if config.self_training else []
+                                          config.self_training_max_rows) if config.self_training else []
     own = [(t, y) for _, t, y, _ in fresh_train]
     mix = own + replay + [(t, y) for t, y in pseudo if t not in gate_texts and t not in suite_texts]
-    own_ref, mix_ref = data_store.put(own), data_store.put(mix)
+    return _Inputs(champion, label_names, suite, parts, fresh, fresh_train, gate_rows, replay, replay_by_generation, pseudo,
+                   data_store.put(own), data_store.put(mix))
 
+
+def _train_config(config: RefineConfig, inputs: _Inputs) -> TrainConfig:
+    """Step 3's settings: the champion's own training config, on the mix, with the refinement's schedule."""
     overrides = {
-        "data.path": str(data_store.path_of(mix_ref)), "data.text_column": "text",
+        "data.path": str(data_store.path_of(inputs.mix_ref)), "data.text_column": "text",
         "data.label_column": "label", "data.val_fraction": config.val_fraction,
         "training.epochs": config.epochs, "training.learning_rate": config.learning_rate,
         "training.batch_size": config.batch_size, "training.early_stopping_patience": config.early_stopping_patience,
         "training.seed": config.seed, "training.augment": "none", "training.oversample": False,
-        "registry.parent": champion.tag, "registry.promote": "never", "report": False,
+        "registry.parent": inputs.champion.tag, "registry.promote": "never", "report": False,
     }
-    raw = apply_overrides(champion.lineage["config"], overrides)
+    raw = apply_overrides(inputs.champion.lineage["config"], overrides)
     raw["data"].update({"test_path": None, "max_rows": None})  # apply_overrides skips None values
-    cfg = TrainConfig.model_validate(raw)
+    return TrainConfig.model_validate(raw)
+
+
+def _grown_suite(config: RefineConfig, inputs: _Inputs, torch_flags: dict[str, np.ndarray], generation: int,
+                 shift: str) -> tuple[list[suite_parts.Part], DatasetRef, list[dict]]:
+    """The challenger's suite (its champion's plus its gate items as a new part, stored) and its
+    PyTorch accuracy on every part, the new one included."""
+    new_suite, new_parts = suite_parts.extend(inputs.suite, inputs.parts, [(t, y) for _, t, y, _ in inputs.gate_rows], generation,
+                                              shift, config.suite_part_cap, seed=config.seed)
+    by_text = {t: ok for t, ok in zip(inputs.items["fresh"][0], torch_flags["fresh"])}
+    own_part = [by_text[t] for t, _ in new_suite[len(inputs.suite):]]
+    blocks = [torch_flags["suite"][a:a + p.n] for p, a in zip(inputs.parts, _starts(inputs.parts))] + [own_part]
+    part_accuracy = [{**p.to_json(), "accuracy": float(np.mean(block)) if len(block) else None} for p, block in zip(new_parts, blocks)]
+    return new_parts, data_store.put(new_suite), part_accuracy
+
+
+def _reference_profile(engine: Engine, config: RefineConfig, inputs: _Inputs, since_id: int | None, cfg: TrainConfig,
+                       fitted, temperature: float) -> tuple[tuple | None, str]:
+    """Step 4's profile: the challenger's calibrated predictions on the champion's newest traffic
+    (None: too little logged, the validation split stands in), and where it came from."""
+    ref_texts = predlog.recent_texts(engine, inputs.champion.tag, since_id, config.reference_rows)
+    if len(ref_texts) < config.min_reference_rows:
+        source = f"validation split (only {len(ref_texts)} logged texts < {config.min_reference_rows})"
+        log.warning("reference profile from the validation split: %s", source)
+        return None, source
+    known = {t: inputs.label_names.index(y) for _, t, y, _ in inputs.fresh}
+    preds = predict_calibrated(cfg, fitted, inputs.label_names, ref_texts, temperature)
+    source = f"newest {len(ref_texts)} texts served by {inputs.champion.tag}" + (f" from log id {since_id}" if since_id else "")
+    return (ref_texts, [known.get(t) for t in ref_texts], preds), source
+
+
+def _gate_and_promote(engine: Engine, config: RefineConfig, inputs: _Inputs, scorers: dict, challenger_tag: str, trigger: str,
+                      fence: Callable[[Connection], None] | None) -> tuple[GateResult, bool, dict]:
+    """Steps 5-6: both models scored on the same items by `scorers` (the runtime that serves), the
+    gate recorded, and the challenger promoted if it passed and promotion is on; returns (gate,
+    promoted, what scored)."""
+    champion = inputs.champion
+    flags = {name: tuple(correct_flags(scorers[who], texts, labels) for who in ("champion", "challenger"))
+             for name, (texts, labels) in inputs.items.items()}
+    scored_with = {who: {"runtime": p.runtime, "note": p.runtime_note} for who, p in scorers.items()}
+    result: GateResult = gate_evaluate(flags["fresh"][0], flags["fresh"][1], flags["suite"][0], flags["suite"][1], config.gate,
+                                       parts=[(p.name, p.n) for p in inputs.parts])
+    audit.record(engine, "gate", challenger_tag, champion=champion.tag, scored_with=scored_with, **result.to_json())
+    if not (result.passed and config.promote):
+        return result, False, scored_with
+    checks = [c for c in (fence, alias.still_at(champion.tag)) if c is not None]
+    try:
+        production.promote(challenger_tag, reason=f"refinement gate passed ({trigger})", actor="controller", engine=engine,
+                           fence=lambda conn: [check(conn) for check in checks], verify=False,
+                           previous_gate_accuracy=result.champion_fresh_accuracy, gate_accuracy=result.challenger_fresh_accuracy)
+        return result, True, scored_with
+    except DriftloopError as err:
+        result.reasons.append(str(err))
+        log.warning("not promoted: %s", err)
+        return result, False, scored_with
+
+
+def _run(engine: Engine, config: RefineConfig, *, trigger: str, since_id: int | None, monitor_runs: list[int] | None,
+         quiet: bool, fence: Callable[[Connection], None] | None) -> dict:
+    started = time.perf_counter()
+    inputs = _gather(engine, config, since_id)
+    champion, label_names = inputs.champion, inputs.label_names
+    cfg = _train_config(config, inputs)
     audit.record(engine, "retrain_started", champion.tag, trigger=trigger, since_id=since_id, monitor_runs=monitor_runs or [],
-                 fresh_train=len(fresh_train), gate=len(gate_rows), replay=len(replay), self_training=len(pseudo),
-                 replay_by_generation=replay_by_generation, regression_suite=len(suite))
+                 fresh_train=len(inputs.fresh_train), gate=len(inputs.gate_rows), replay=len(inputs.replay),
+                 self_training=len(inputs.pseudo), replay_by_generation=inputs.replay_by_generation, regression_suite=len(inputs.suite))
     data = load_data(cfg, label_names=label_names)
     fitted = fit(cfg, data, init_from=str(champion.path), quiet=quiet, progress=not quiet)
     averaging = None
@@ -257,48 +350,30 @@ def _run(engine: Engine, config: RefineConfig, *, trigger: str, since_id: int | 
     choice = runtimes.serving_choice(config.serving_runtime, config.int8_tolerance_pt,
                                      observed=predlog.recent_runtime(engine, champion.tag))
     chall_pred = Predictor(fitted.model, fitted.tokenizer, label_names, max_length=cfg.model.max_length)
-    items = {"fresh": ([t for _, t, _, _ in gate_rows], [y for _, _, y, _ in gate_rows]),
-             "suite": ([t for t, _ in suite], [y for _, y in suite])}
-    torch_flags = {name: correct_flags(chall_pred, texts, labels) for name, (texts, labels) in items.items()}
+    torch_flags = {name: correct_flags(chall_pred, texts, labels) for name, (texts, labels) in inputs.items.items()}
     generation = generation_of(champion) + 1
     shift = f"the shift {trigger} refined for" + (f" (log ids from {since_id})" if since_id else "")
-    new_suite, new_parts = suite_parts.extend(suite, parts, [(t, y) for _, t, y, _ in gate_rows], generation, shift,
-                                              config.suite_part_cap, seed=config.seed)
-    suite_ref = data_store.put(new_suite)
-    chall_suite_correct = torch_flags["suite"]
-    by_text = {t: ok for t, ok in zip(items["fresh"][0], torch_flags["fresh"])}
-    own_part = [by_text[t] for t, _ in new_suite[len(suite):]]
-    part_accuracy = [{**p.to_json(), "accuracy": float(np.mean(block)) if len(block) else None}
-                     for p, block in zip(new_parts, [torch_flags["suite"][a:a + p.n] for p, a in zip(parts, _starts(parts))] + [own_part])]
+    new_parts, suite_ref, part_accuracy = _grown_suite(config, inputs, torch_flags, generation, shift)
+    reference, profile_source = _reference_profile(engine, config, inputs, since_id, cfg, fitted, ev.temperature)
 
-    # the reference: what the challenger will serve (the champion's newest traffic), as it sees it
-    ref_texts = predlog.recent_texts(engine, champion.tag, since_id, config.reference_rows)
-    reference = None
-    if len(ref_texts) >= config.min_reference_rows:
-        known = {t: label_names.index(y) for _, t, y, _ in fresh}
-        preds = predict_calibrated(cfg, fitted, label_names, ref_texts, ev.temperature)
-        reference = (ref_texts, [known.get(t) for t in ref_texts], preds)
-        profile_source = f"newest {len(ref_texts)} texts served by {champion.tag}" + (f" from log id {since_id}" if since_id else "")
-    else:
-        profile_source = f"validation split (only {len(ref_texts)} logged texts < {config.min_reference_rows})"
-        log.warning("reference profile from the validation split: %s", profile_source)
     data_lineage = {
-        "generation": generation, "own": own_ref.to_json(), "mix": mix_ref.to_json(),
-        "replay_by_generation": replay_by_generation, "fresh_rows": len(own), "self_training_rows": len(pseudo),
-        "regression_suite": suite_ref.to_json(),
+        "generation": generation, "own": inputs.own_ref.to_json(), "mix": inputs.mix_ref.to_json(),
+        "replay_by_generation": inputs.replay_by_generation, "fresh_rows": len(inputs.fresh_train),
+        "self_training_rows": len(inputs.pseudo), "regression_suite": suite_ref.to_json(),
         "regression_suite_parts": [p.to_json() for p in new_parts],
     }
-    gate_correct = torch_flags["fresh"]
+    gate_correct, suite_correct = torch_flags["fresh"], torch_flags["suite"]
     reference_info = {"accuracy": float(gate_correct.mean()) if gate_correct.size else None, "n": int(gate_correct.size),
                       "source": "gate items (labelled rows of the traffic the profile comes from)",
-                      "suite_accuracy": float(chall_suite_correct.mean()) if chall_suite_correct.size else None,
-                      "suite_n": int(chall_suite_correct.size),
+                      "suite_accuracy": float(suite_correct.mean()) if suite_correct.size else None,
+                      "suite_n": int(suite_correct.size),
                       "profile_rows": len(reference[0]) if reference else len(data.val), "profile_source": profile_source}
+    fresh = inputs.fresh
     refinement = {
         "trigger": trigger, "parent": champion.tag, "since_id": since_id, "monitor_runs": monitor_runs or [],
-        "fresh_labels": len(fresh), "fresh_train": len(fresh_train), "gate_items": len(gate_rows),
+        "fresh_labels": len(fresh), "fresh_train": len(inputs.fresh_train), "gate_items": len(inputs.gate_rows),
         "fresh_by_source": {src: sum(1 for r in fresh if r[3] == src) for src in predlog.SOURCES},
-        "fresh_log_ids": [fresh[0][0], fresh[-1][0]], "replay_rows": len(replay), "self_training_rows": len(pseudo),
+        "fresh_log_ids": [fresh[0][0], fresh[-1][0]], "replay_rows": len(inputs.replay), "self_training_rows": len(inputs.pseudo),
         "refine_config": config.model_dump(mode="json"), "weight_averaging": averaging,
     }
     lineage = build_lineage(cfg, fitted, data, ev, champion.tag, started,
@@ -312,23 +387,7 @@ def _run(engine: Engine, config: RefineConfig, *, trigger: str, since_id: int | 
         scorers = {"champion": champ_pred, "challenger": chall_pred}
     else:  # as they serve: the challenger's files are made here, once, for the service to load
         scorers = {"champion": choice.load(champion.tag), "challenger": choice.load(challenger_tag)}
-    flags = {name: tuple(correct_flags(scorers[who], texts, labels) for who in ("champion", "challenger"))
-             for name, (texts, labels) in items.items()}
-    scored_with = {who: {"runtime": p.runtime, "note": p.runtime_note} for who, p in scorers.items()}
-    result: GateResult = gate_evaluate(flags["fresh"][0], flags["fresh"][1], flags["suite"][0], flags["suite"][1], config.gate,
-                                       parts=[(p.name, p.n) for p in parts])
-    audit.record(engine, "gate", challenger_tag, champion=champion.tag, scored_with=scored_with, **result.to_json())
-    promoted = False
-    if result.passed and config.promote:
-        checks = [c for c in (fence, alias.still_at(champion.tag)) if c is not None]
-        try:
-            production.promote(challenger_tag, reason=f"refinement gate passed ({trigger})", actor="controller", engine=engine,
-                               fence=lambda conn: [check(conn) for check in checks], verify=False,
-                               previous_gate_accuracy=result.champion_fresh_accuracy, gate_accuracy=result.challenger_fresh_accuracy)
-            promoted = True
-        except DriftloopError as err:
-            result.reasons.append(str(err))
-            log.warning("not promoted: %s", err)
+    result, promoted, scored_with = _gate_and_promote(engine, config, inputs, scorers, challenger_tag, trigger, fence)
     summary = {
         "challenger": challenger_tag, "champion": champion.tag, "promoted": promoted, "gate": result.to_json(),
         "gate_scored_with": scored_with,
