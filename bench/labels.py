@@ -530,17 +530,46 @@ def efficiency(corpus: lp.Corpus, champion: str, args) -> dict:
                 cfg = RefineConfig(seed=seed, promote=False, min_fresh_labels=10, gate=GateConfig(min_gate_items=3), serving_runtime="torch",
                                    reference_rows=200)
                 summary = refine.run(engine, cfg, trigger=f"bench efficiency seed {seed} budget {budget} {strategy}", since_id=first)
-                acc = held_out_accuracy(summary["challenger"], held)
+                correct = held_out_correct(summary["challenger"], held)
+                acc = round(sum(correct) / len(correct), 4)
                 informative_wrong = sum(truth[c.request_id] != _label_of(engine, c.request_id) for c in informative)
                 trial = {"seed": seed, "budget": budget, "strategy": strategy, "random": len(randoms), "informative": len(informative),
                          "recorded": applied.recorded, "champion_wrong_in_informative": informative_wrong,
                          "fresh_by_source": summary["refinement"]["fresh_by_source"], "gate_items": summary["refinement"]["gate_items"],
                          "fresh_train": summary["refinement"]["fresh_train"], "finance_held_out": acc, "challenger": summary["challenger"],
                          "seconds": round(time.perf_counter() - t1, 1)}
-                trials.append(trial)
                 say(f"[efficiency] {json.dumps(trial)}")
+                trial["held_out_correct"] = "".join("1" if ok else "0" for ok in correct)  # per held-out item, for the paired tests
+                trials.append(trial)
     return {"sampler_coverage": coverage, "champion_finance_held_out": champion_acc, "held_out_rows": len(held), "traffic_rows": last - first + 1,
             "champion_traffic_accuracy": round(traffic_acc, 4), "random_share": args.random_share, "trials": trials}
+
+
+def held_out_correct(tag: str, rows: list[tuple[str, str]]) -> list[bool]:
+    """Per held-out row, whether registered model `tag` gets it right (the paired tests need items, not rates)."""
+    from core.inference import load_predictor  # noqa: PLC0415
+
+    p = load_predictor(tag)
+    out = p.predict([t for t, _ in rows])
+    return [p.label_names[i] == y for i, (_, y) in zip(out.labels, rows)]
+
+
+def paired_test(eff: dict, a: tuple[str, int], b: tuple[str, int]) -> dict:
+    """Exact McNemar on the held-out items, pooled over seeds (each seed pairs a's and b's refinement
+    on the same items): a_only / b_only are items one gets right and the other wrong; p_a_better and
+    p_b_better are the one-sided p-values. Seeds share the items, so the pooled counts are not
+    independent draws: read p as a guide, and the per-seed differences beside it."""
+    from loop.paired import mcnemar_one_sided  # noqa: PLC0415
+
+    flags = {(t["strategy"], t["budget"], t["seed"]): t.get("held_out_correct") for t in eff["trials"]}
+    a_only = b_only = 0
+    for seed in sorted({t["seed"] for t in eff["trials"]}):
+        fa, fb = flags.get((*a, seed)), flags.get((*b, seed))
+        if fa and fb:
+            a_only += sum(x == "1" and y == "0" for x, y in zip(fa, fb))
+            b_only += sum(x == "0" and y == "1" for x, y in zip(fa, fb))
+    return {"a": a, "b": b, "a_only": a_only, "b_only": b_only, "p_a_better": mcnemar_one_sided(a_only, b_only),
+            "p_b_better": mcnemar_one_sided(b_only, a_only)}
 
 
 def sampler_coverage(engine, champion: str, first: int, last: int, truth: dict[str, str], draws: int, window: int = 250,
@@ -607,6 +636,13 @@ def efficiency_table(eff: dict) -> tuple[str, dict]:
         diff = statistics.mean(m - r for m, r in zip(mix, rnd)) if mix and rnd else None
         lines.append(f"| {b} | {', '.join(f'{a:.3f}' for a in mix)} | {means[('informative+random', b)]:.3f} | "
                      f"{', '.join(f'{a:.3f}' for a in rnd)} | {means[('random', b)]:.3f} | {diff * 100:+.1f} pt |")
+    pairs = [(("informative+random", b), ("random", b)) for b in budgets] + [(("informative+random", 100), ("random", 200))]
+    lines += ["", "paired on the held-out items (exact McNemar, pooled over seeds; one-sided p each way):",
+              "| comparison | right only by the first | right only by the second | p first better | p second better |", "|---|---|---|---|---|"]
+    for a, b in pairs:
+        if a in means and b in means:
+            t = paired_test(eff, a, b)
+            lines.append(f"| {a[0]} {a[1]} vs {b[0]} {b[1]} | {t['a_only']} | {t['b_only']} | {t['p_a_better']:.3g} | {t['p_b_better']:.3g} |")
     return "\n".join(lines), means
 
 
