@@ -379,7 +379,8 @@ def timeline(engine, champion: str, onset_id: int, onset_at: dt.datetime, end_at
         if at is None:
             return None
         at = _utc(dt.datetime.fromisoformat(at) if isinstance(at, str) else at)
-        return round((at - onset_at).total_seconds() / 60, 2) if at <= end_at else None
+        # a minute's grace: the refinement records its success just after the promotion that ends the run
+        return round((at - onset_at).total_seconds() / 60, 2) if at <= end_at + dt.timedelta(minutes=1) else None
 
     drifted = [r for r in store.recent(engine, limit=10_000, model_version=champion)
                if r.get("status") == "ok" and r.get("drift") and (r.get("window_last_id") or 0) >= onset_id]
