@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -58,7 +60,8 @@ def open_page(url: str, cookies: list[dict], width: int = 1280, height: int = 86
     profile = tempfile.mkdtemp(prefix="driftloop-chromium-")
     headless = [] if binary.endswith("headless-shell") else ["--headless"]
     proc = subprocess.Popen([binary, *headless, "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--remote-debugging-port={port}",
-                             f"--user-data-dir={profile}", "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             f"--user-data-dir={profile}", "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # Debian's chromium-headless-shell is a shell script: the browser is its child
     try:
         deadline = time.time() + 30
         pages = []
@@ -70,7 +73,7 @@ def open_page(url: str, cookies: list[dict], width: int = 1280, height: int = 86
         assert pages, "Chromium's DevTools endpoint did not come up"
         return asyncio.run(_page(pages[0]["webSocketDebuggerUrl"], url, cookies, width, height, settle_s))
     finally:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: killing the script alone left the browser running
         proc.wait(timeout=10)
         shutil.rmtree(profile, ignore_errors=True)
 
