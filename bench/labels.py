@@ -432,8 +432,8 @@ def window_check(engine, champion: str, truth: dict[str, str], min_random: int) 
 
     c = predlog.predictions.c
     with engine.connect() as conn:
-        rows = conn.execute(select(c.id, c.text, c.label, c.feedback_label, c.feedback_source)
-                            .where(c.model_version == champion).order_by(c.id)).all()
+        rows = conn.execute(select(c.id, predlog.TEXT.label("text"), c.label, c.feedback_label, c.feedback_source)
+                            .select_from(predlog.LOGGED).where(c.model_version == champion).order_by(c.id)).all()
     windows = sorted({(r["window_first_id"], r["window_last_id"]) for r in store.recent(engine, limit=10_000, model_version=champion)
                       if r.get("status") == "ok" and r.get("window_first_id") is not None})
     out = []
@@ -497,11 +497,11 @@ def efficiency(corpus: lp.Corpus, champion: str, args) -> dict:
     traffic_acc = sum(truth[r.request_id] == r.label for r in _logged(engine, first)) / (last - first + 1)
     say(f"[efficiency] logged the champion's outputs on {last - first + 1} finance traffic rows in {time.perf_counter() - t0:.0f}s "
         f"(its accuracy there {traffic_acc:.3f})")
-    dispose_engines()
-    pristine = home / "state.pristine.db"
-    shutil.copy2(home / "state.db", pristine)
     coverage = sampler_coverage(engine, champion, first, last, truth, args.coverage_draws)
     say(f"[efficiency] random_sample coverage: {json.dumps(coverage)}")
+    dispose_engines()  # no connection may stay open while the file is copied and, below, replaced
+    pristine = home / "state.pristine.db"
+    shutil.copy2(home / "state.db", pristine)
     held = corpus.held[SHIFT]
     champion_acc = held_out_accuracy(champion, held)
     config = LabelsConfig(per_day=100_000, per_refinement=100_000, confirm_max=200)
@@ -509,6 +509,7 @@ def efficiency(corpus: lp.Corpus, champion: str, args) -> dict:
     for seed in range(args.seeds):
         for budget in args.budgets:
             for strategy in ("informative+random", "random"):
+                engine.dispose()
                 dispose_engines()
                 for suffix in ("-wal", "-shm"):
                     Path(str(home / "state.db") + suffix).unlink(missing_ok=True)
@@ -637,8 +638,25 @@ def efficiency_table(eff: dict) -> tuple[str, dict]:
         diff = statistics.mean(m - r for m, r in zip(mix, rnd)) if mix and rnd else None
         lines.append(f"| {b} | {', '.join(f'{a:.3f}' for a in mix)} | {means[('informative+random', b)]:.3f} | "
                      f"{', '.join(f'{a:.3f}' for a in rnd)} | {means[('random', b)]:.3f} | {diff * 100:+.1f} pt |")
+    # the strategy's effect: a seed is one replicate (its own sample of labels and its own training run),
+    # so the test is over seed x budget pairs; the item-level McNemar below compares two trained models,
+    # and its p-values do not carry the run-to-run spread of training
+    from scipy.stats import binomtest, ttest_rel  # noqa: PLC0415
+
+    mix_all, rnd_all = [], []
+    for b in budgets:
+        mix_all += by.get(("informative+random", b), [])[:len(by.get(("random", b), []))]
+        rnd_all += by.get(("random", b), [])[:len(by.get(("informative+random", b), []))]
+    if len(mix_all) >= 2:
+        diffs = [m - r for m, r in zip(mix_all, rnd_all)]
+        wins = sum(d > 0 for d in diffs)
+        t = ttest_rel(mix_all, rnd_all)
+        lines += ["", f"strategy effect over {len(diffs)} seed x budget pairs: mean {statistics.mean(diffs) * 100:+.1f} pt "
+                      f"(sd {statistics.stdev(diffs) * 100:.1f} pt), informative+random ahead in {wins}; sign test p "
+                      f"{binomtest(wins, len(diffs), 0.5).pvalue:.3g}, paired t p {t.pvalue:.3g} (two-sided)"]
     pairs = [(("informative+random", b), ("random", b)) for b in budgets] + [(("informative+random", 100), ("random", 200))]
-    lines += ["", "paired on the held-out items (exact McNemar, pooled over seeds; one-sided p each way):",
+    lines += ["", "two trained models on the same held-out items (exact McNemar, pooled over seeds; one-sided p each way; "
+                  "model against model, not strategy against strategy):",
               "| comparison | right only by the first | right only by the second | p first better | p second better |", "|---|---|---|---|---|"]
     for a, b in pairs:
         if a in means and b in means:
