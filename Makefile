@@ -67,11 +67,16 @@ postgres:
 up: install prometheus labelstudio
 	$(BIN)/driftloop up
 
+# Two test processes, one file each at a time (--dist loadfile: a file's session parts, Label Studio
+# or the PostgreSQL cluster, start once per process): much of the suite waits on servers, scrapes and
+# leases while the other process computes; 20.5 min against 31-32 min in one process on 2 cores
+# (docs/benchmarks.md "The test suite"). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: install prometheus postgres chromium labelstudio
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install prometheus postgres chromium labelstudio
-	$(BIN)/python -m pytest -q -ra -m "not slow"
+	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 bench: install
 	$(BIN)/python bench/finetune.py
