@@ -459,26 +459,12 @@ def window_check(engine, champion: str, truth: dict[str, str], min_random: int) 
 
 # --- 2. label efficiency (offline) ---------------------------------------------------------------------
 
-def efficiency(corpus: lp.Corpus, champion: str, args) -> dict:
+def _log_champion_outputs(engine, champion: str, rows: list[tuple[str, str]]) -> tuple[int, int, dict[str, str]]:
+    """The champion's real outputs on `rows`, written to the log as the service writes them;
+    returns (first log id, last log id, request id -> true label)."""
     from core import predlog  # noqa: PLC0415
     from core.inference import load_predictor  # noqa: PLC0415
-    from core.statedb import dispose_engines, get_engine  # noqa: PLC0415
-    from driftloop.demo import held_out_accuracy  # noqa: PLC0415
-    from labels import answers, requests, select  # noqa: PLC0415
-    from labels.config import LabelsConfig  # noqa: PLC0415
-    from loop import refine  # noqa: PLC0415
-    from loop.gate import GateConfig  # noqa: PLC0415
-    from loop.refine_config import RefineConfig  # noqa: PLC0415
 
-    home = BASE_HOME / "efficiency"
-    if home.exists():
-        shutil.rmtree(home)
-    shutil.copytree(BASE_HOME / "champion", home, symlinks=True, ignore=shutil.ignore_patterns("runs", "train.tsv"))
-    lp.use_home(home)
-    engine = get_engine()
-    predlog.ensure_schema(engine)
-    rows = corpus.traffic[SHIFT]
-    t0 = time.perf_counter()
     p = load_predictor(champion, device="cpu")
     first = predlog.max_id(engine) + 1
     truth: dict[str, str] = {}
@@ -493,7 +479,64 @@ def efficiency(corpus: lp.Corpus, champion: str, args) -> dict:
             logged.append(predlog.LoggedPrediction(rid, text, p.label_names[int(out.probs[i].argmax())], float(out.probs[i].max()), probs,
                                                    out.descriptors[i], out.truncated[i], out.embeddings[i]))
         predlog.write_batch(engine, champion, logged)
-    last = predlog.max_id(engine)
+    return first, predlog.max_id(engine), truth
+
+
+def _efficiency_trial(engine, champion: str, first: int, last: int, truth: dict[str, str], held: list[tuple[str, str]],
+                      seed: int, budget: int, strategy: str, args) -> dict:
+    """One training batch of `budget` labels (`strategy`), answered with the truth through the
+    product's path, then ONE refinement, scored on the held-out rows."""
+    from labels import answers, requests, select  # noqa: PLC0415
+    from labels.config import LabelsConfig  # noqa: PLC0415
+    from loop import refine  # noqa: PLC0415
+    from loop.gate import GateConfig  # noqa: PLC0415
+    from loop.refine_config import RefineConfig  # noqa: PLC0415
+
+    config = LabelsConfig(per_day=100_000, per_refinement=100_000, confirm_max=200)
+    t1 = time.perf_counter()
+    n_random = budget if strategy == "random" else round(budget * args.random_share)
+    randoms = select.random_sample(engine, champion, first, last, n_random, seed=f"efficiency:{seed}")
+    made = requests.create(engine, randoms, model_version=champion, kind="random", purpose="training", reason="bench", config=config)
+    informative = []
+    if strategy != "random":
+        informative = select.informative_batch(engine, champion, first, budget - len(randoms), pool_rows=5000,
+                                               exclude={c.request_id for c in randoms}, seed=seed)
+        requests.create(engine, informative, model_version=champion, kind="informative", purpose="training", reason="bench",
+                        config=config, batch=made.batch)
+    applied = answers.apply(engine, [answers.Answer(c.request_id, truth[c.request_id], annotator="bench") for c in randoms + informative])
+    # defaults but for: no promotion, a gate that lets B=50 run, the gate scored with torch, and the
+    # challenger's reference profile on 200 texts (min_reference_rows): none of these changes its weights
+    cfg = RefineConfig(seed=seed, promote=False, min_fresh_labels=10, gate=GateConfig(min_gate_items=3), serving_runtime="torch",
+                       reference_rows=200)
+    summary = refine.run(engine, cfg, trigger=f"bench efficiency seed {seed} budget {budget} {strategy}", since_id=first)
+    correct = held_out_correct(summary["challenger"], held)
+    trial = {"seed": seed, "budget": budget, "strategy": strategy, "random": len(randoms), "informative": len(informative),
+             "recorded": applied.recorded,
+             "champion_wrong_in_informative": sum(truth[c.request_id] != _label_of(engine, c.request_id) for c in informative),
+             "fresh_by_source": summary["refinement"]["fresh_by_source"], "gate_items": summary["refinement"]["gate_items"],
+             "fresh_train": summary["refinement"]["fresh_train"], "finance_held_out": round(sum(correct) / len(correct), 4),
+             "challenger": summary["challenger"], "seconds": round(time.perf_counter() - t1, 1)}
+    say(f"[efficiency] {json.dumps(trial)}")
+    trial["held_out_correct"] = "".join("1" if ok else "0" for ok in correct)  # per held-out item, for the paired tests
+    return trial
+
+
+def efficiency(corpus: lp.Corpus, champion: str, args) -> dict:
+    """Part 2: every seed x budget x strategy from the same pristine log (the champion's outputs on the
+    finance traffic), so trials differ only in which labels they were given."""
+    from core import predlog  # noqa: PLC0415
+    from core.statedb import dispose_engines, get_engine  # noqa: PLC0415
+    from driftloop.demo import held_out_accuracy  # noqa: PLC0415
+
+    home = BASE_HOME / "efficiency"
+    if home.exists():
+        shutil.rmtree(home)
+    shutil.copytree(BASE_HOME / "champion", home, symlinks=True, ignore=shutil.ignore_patterns("runs", "train.tsv"))
+    lp.use_home(home)
+    engine = get_engine()
+    predlog.ensure_schema(engine)
+    t0 = time.perf_counter()
+    first, last, truth = _log_champion_outputs(engine, champion, corpus.traffic[SHIFT])
     traffic_acc = sum(truth[r.request_id] == r.label for r in _logged(engine, first)) / (last - first + 1)
     say(f"[efficiency] logged the champion's outputs on {last - first + 1} finance traffic rows in {time.perf_counter() - t0:.0f}s "
         f"(its accuracy there {traffic_acc:.3f})")
@@ -504,7 +547,6 @@ def efficiency(corpus: lp.Corpus, champion: str, args) -> dict:
     shutil.copy2(home / "state.db", pristine)
     held = corpus.held[SHIFT]
     champion_acc = held_out_accuracy(champion, held)
-    config = LabelsConfig(per_day=100_000, per_refinement=100_000, confirm_max=200)
     trials = []
     for seed in range(args.seeds):
         for budget in args.budgets:
@@ -515,34 +557,7 @@ def efficiency(corpus: lp.Corpus, champion: str, args) -> dict:
                     Path(str(home / "state.db") + suffix).unlink(missing_ok=True)
                 shutil.copy2(pristine, home / "state.db")
                 engine = get_engine()
-                t1 = time.perf_counter()
-                n_random = budget if strategy == "random" else round(budget * args.random_share)
-                randoms = select.random_sample(engine, champion, first, last, n_random, seed=f"efficiency:{seed}")
-                made = requests.create(engine, randoms, model_version=champion, kind="random", purpose="training", reason="bench", config=config)
-                informative = []
-                if strategy != "random":
-                    informative = select.informative_batch(engine, champion, first, budget - len(randoms), pool_rows=5000,
-                                                           exclude={c.request_id for c in randoms}, seed=seed)
-                    requests.create(engine, informative, model_version=champion, kind="informative", purpose="training", reason="bench",
-                                    config=config, batch=made.batch)
-                applied = answers.apply(engine, [answers.Answer(c.request_id, truth[c.request_id], annotator="bench")
-                                                 for c in randoms + informative])
-                # defaults but for: no promotion, a gate that lets B=50 run, the gate scored with torch, and the
-                # challenger's reference profile on 200 texts (min_reference_rows): none of these changes its weights
-                cfg = RefineConfig(seed=seed, promote=False, min_fresh_labels=10, gate=GateConfig(min_gate_items=3), serving_runtime="torch",
-                                   reference_rows=200)
-                summary = refine.run(engine, cfg, trigger=f"bench efficiency seed {seed} budget {budget} {strategy}", since_id=first)
-                correct = held_out_correct(summary["challenger"], held)
-                acc = round(sum(correct) / len(correct), 4)
-                informative_wrong = sum(truth[c.request_id] != _label_of(engine, c.request_id) for c in informative)
-                trial = {"seed": seed, "budget": budget, "strategy": strategy, "random": len(randoms), "informative": len(informative),
-                         "recorded": applied.recorded, "champion_wrong_in_informative": informative_wrong,
-                         "fresh_by_source": summary["refinement"]["fresh_by_source"], "gate_items": summary["refinement"]["gate_items"],
-                         "fresh_train": summary["refinement"]["fresh_train"], "finance_held_out": acc, "challenger": summary["challenger"],
-                         "seconds": round(time.perf_counter() - t1, 1)}
-                say(f"[efficiency] {json.dumps(trial)}")
-                trial["held_out_correct"] = "".join("1" if ok else "0" for ok in correct)  # per held-out item, for the paired tests
-                trials.append(trial)
+                trials.append(_efficiency_trial(engine, champion, first, last, truth, held, seed, budget, strategy, args))
     return {"sampler_coverage": coverage, "champion_finance_held_out": champion_acc, "held_out_rows": len(held), "traffic_rows": last - first + 1,
             "champion_traffic_accuracy": round(traffic_acc, 4), "random_share": args.random_share, "trials": trials}
 
